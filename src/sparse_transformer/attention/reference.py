@@ -1,0 +1,22 @@
+"""The test oracle: dense masked softmax attention. O(N^2) time and memory."""
+from __future__ import annotations
+
+import torch
+
+from ..patterns import Pattern
+
+
+def reference_attention(q, k, v, patterns: list[Pattern], scale: float) -> torch.Tensor:
+    """q, k, v [B, H, N, D]; ``patterns`` has one pattern per head.
+
+    Computes in float32 (float64 for float64 inputs). A row with no allowed key
+    gives zeros.
+    """
+    B, H, N, D = q.shape
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    masks = torch.stack([p.mask(N, head=h) for h, p in enumerate(patterns)]).to(q.device)  # (H, N, N)
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, N, N)
+    s = s.masked_fill(~masks, float("-inf"))
+    empty = ~masks.any(-1, keepdim=True)  # (H, N, 1)
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    return torch.matmul(p, v.to(ct)).to(q.dtype)

@@ -1,0 +1,63 @@
+"""The pattern interface: which keys j a query i may attend (paper section 4.2).
+
+A pattern is pure index arithmetic. It knows nothing about tensors of
+activations: ``attention/`` turns it into dense sub-problems.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """Return ``value`` if it is an int in [low, high], else raise a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Base class. Subclasses define ``allowed`` and ``row_counts``.
+
+    Every pattern is causal: ``allowed(i, j)`` is False whenever j > i.
+    A query whose row has no allowed key (possible for some factors, such as
+    the summary columns of the fixed pattern at early positions) gets a zero
+    output from :func:`sparse_transformer.attention`.
+    """
+
+    def allowed(self, i: torch.Tensor, j: torch.Tensor, head: int = 0) -> torch.Tensor:
+        """Boolean tensor: may query i attend key j? (broadcasts i against j)."""
+        raise NotImplementedError
+
+    def row_counts(self, n: int, head: int = 0) -> torch.Tensor:
+        """Number of keys each of the n queries attends, as an int64 tensor [n]."""
+        raise NotImplementedError
+
+    def factors(self) -> tuple["Pattern", ...]:
+        """The components whose union is this pattern (section 5.1)."""
+        return (self,)
+
+    def for_head(self, head: int) -> "Pattern":
+        """The pattern head ``head`` uses (differs from self only for per-head variants)."""
+        return self
+
+    # ------------------------------------------------------------------ derived
+    def mask(self, n: int, head: int = 0) -> torch.Tensor:
+        """The reference connectivity: a BoolTensor [n, n], True where i may attend j."""
+        check_int("n", n, 1)
+        idx = torch.arange(n)
+        return self.allowed(idx[:, None], idx[None, :], head)
+
+    def num_pairs(self, n: int, head: int = 0) -> int:
+        """Number of allowed (query, key) pairs for a sequence of length n."""
+        check_int("n", n, 1)
+        return int(self.row_counts(n, head).sum())
+
+    def density(self, n: int, head: int = 0) -> float:
+        """Allowed pairs as a fraction of the n(n+1)/2 causal pairs (dense = 1.0)."""
+        return self.num_pairs(n, head) / (n * (n + 1) / 2)

@@ -1,0 +1,19 @@
+"""Full causal attention, S_i = {j : j <= i} (paper section 4.1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Pattern
+
+
+@dataclass(frozen=True)
+class Dense(Pattern):
+    """Query i attends every key j <= i."""
+
+    def allowed(self, i, j, head=0):
+        return j <= i
+
+    def row_counts(self, n, head=0):
+        return torch.arange(n) + 1

@@ -1,0 +1,101 @@
+"""Fixed attention (paper section 4.3, figure 3c).
+
+A^(1) = the block of length ``stride`` that holds i; A^(2) = the "summary"
+columns, the last ``c`` positions of every block. With ``distinct_heads`` head h
+summarises offsets [stride - c(k+1), stride - ck) with k = h mod (stride // c),
+as in the authors' released code; the paper reports this works better.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Pattern, check_int
+
+
+def _summary_start(stride: int, c: int, distinct_heads: bool, head: int) -> int:
+    k = head % (stride // c) if distinct_heads else 0
+    return stride - c * (k + 1)
+
+
+def _check(stride: int, c: int) -> None:
+    check_int("stride", stride, 1)
+    check_int("c", c, 1, stride)
+
+
+@dataclass(frozen=True)
+class FixedBlock(Pattern):
+    """j <= i and j // stride == i // stride: the first factor of the fixed pattern."""
+
+    stride: int
+
+    def __post_init__(self):
+        check_int("stride", self.stride, 1)
+
+    def allowed(self, i, j, head=0):
+        return (j <= i) & (j // self.stride == i // self.stride)
+
+    def row_counts(self, n, head=0):
+        return torch.arange(n) % self.stride + 1
+
+
+@dataclass(frozen=True)
+class FixedSummary(Pattern):
+    """j <= i and j % stride in the summary offsets: the second factor of the fixed pattern.
+
+    Queries before the first summary column have no key; their output is zero.
+    """
+
+    stride: int
+    c: int
+    distinct_heads: bool = False
+
+    def __post_init__(self):
+        _check(self.stride, self.c)
+
+    def summary_start(self, head: int = 0) -> int:
+        return _summary_start(self.stride, self.c, self.distinct_heads, head)
+
+    def allowed(self, i, j, head=0):
+        s = self.summary_start(head)
+        off = j % self.stride
+        return (j <= i) & (off >= s) & (off < s + self.c)
+
+    def row_counts(self, n, head=0):
+        i = torch.arange(n)
+        s = self.summary_start(head)
+        own = torch.clamp(i % self.stride - s + 1, min=0, max=self.c)
+        return (i // self.stride) * self.c + own
+
+
+@dataclass(frozen=True)
+class Fixed(Pattern):
+    """j <= i and (j // stride == i // stride or j % stride in the summary offsets).
+
+    Without ``distinct_heads`` the summary offsets are the last ``c`` of each block,
+    i.e. j % stride >= stride - c.
+    """
+
+    stride: int
+    c: int
+    distinct_heads: bool = False
+
+    def __post_init__(self):
+        _check(self.stride, self.c)
+
+    def summary_start(self, head: int = 0) -> int:
+        return _summary_start(self.stride, self.c, self.distinct_heads, head)
+
+    def allowed(self, i, j, head=0):
+        s = self.summary_start(head)
+        off = j % self.stride
+        same_block = j // self.stride == i // self.stride
+        return (j <= i) & (same_block | ((off >= s) & (off < s + self.c)))
+
+    def row_counts(self, n, head=0):
+        i = torch.arange(n)
+        return i % self.stride + 1 + (i // self.stride) * self.c
+
+    def factors(self):
+        return (FixedBlock(self.stride), FixedSummary(self.stride, self.c, self.distinct_heads))

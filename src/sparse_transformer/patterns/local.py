@@ -1,0 +1,24 @@
+"""Sliding window: query i attends the ``window`` most recent positions (section 4.3)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Pattern, check_int
+
+
+@dataclass(frozen=True)
+class Local(Pattern):
+    """i - window < j <= i. ``Local(stride)`` is the first factor of the strided pattern."""
+
+    window: int
+
+    def __post_init__(self):
+        check_int("window", self.window, 1)
+
+    def allowed(self, i, j, head=0):
+        return (j <= i) & (i - j < self.window)
+
+    def row_counts(self, n, head=0):
+        return torch.clamp(torch.arange(n) + 1, max=self.window)

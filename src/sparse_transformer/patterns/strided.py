@@ -1,0 +1,50 @@
+"""Strided attention (paper section 4.3, figure 3b).
+
+A^(1) = the previous ``stride`` positions, A^(2) = every ``stride``-th position
+before i. Their union lets every position reach every earlier one in two steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Pattern, check_int
+from .local import Local
+
+
+@dataclass(frozen=True)
+class StridedColumns(Pattern):
+    """j <= i and (i - j) % stride == 0: the second factor of the strided pattern."""
+
+    stride: int
+
+    def __post_init__(self):
+        check_int("stride", self.stride, 1)
+
+    def allowed(self, i, j, head=0):
+        return (j <= i) & ((i - j) % self.stride == 0)
+
+    def row_counts(self, n, head=0):
+        return torch.arange(n) // self.stride + 1
+
+
+@dataclass(frozen=True)
+class Strided(Pattern):
+    """j <= i and (i - j < stride or (i - j) % stride == 0); stride ~ sqrt(n)."""
+
+    stride: int
+
+    def __post_init__(self):
+        check_int("stride", self.stride, 1)
+
+    def allowed(self, i, j, head=0):
+        d = i - j
+        return (d >= 0) & ((d < self.stride) | (d % self.stride == 0))
+
+    def row_counts(self, n, head=0):
+        i = torch.arange(n)
+        return torch.clamp(i + 1, max=self.stride) + i // self.stride
+
+    def factors(self):
+        return (Local(self.stride), StridedColumns(self.stride))
