@@ -14,63 +14,65 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import Kernel
-from .parts import Plan
+from .parts import Plan, SubProblem
 
 
-def _gather_lse(sp, lse: torch.Tensor) -> torch.Tensor:
-    return sp.q_in(lse[..., None])[..., 0].contiguous()
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(sp: SubProblem, x: torch.Tensor) -> torch.Tensor:
+    """Gather a per-row tensor [B*H, N] into the sub-problem's query layout [B*H, G, L]."""
+    return sp.q_in(x[..., None])[..., 0]
 
 
 def sparse_forward(q, k, v, plan: Plan, kernel: Kernel, scale: float):
-    """q, k, v [B, H, Np, D] (padded). Returns O [B, H, Np, D] in q.dtype, L [B, H, Np] in float32 (float64 for float64)
-    (+inf for a row with no allowed key)."""
-    B, H, N, D = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    outs, lses = [], []
-    for group in plan.groups:
-        o_g = q.new_zeros(B, H, N, D, dtype=acc)
-        l_g = q.new_zeros(B, H, N, 1, dtype=acc)
-        covered = q.new_zeros(B, H, N, 1, dtype=acc)
+    """q, k, v [B*H, Np, D] (padded, contiguous).
+
+    Returns O [B*H, Np, D] in q.dtype, L [B*H, Np] in float32 (float64 for
+    float64; +inf for a row with no allowed key), and the gathered inputs of
+    every sub-problem (kept for the backward).
+    """
+    BH, N, D = q.shape
+    acc = _acc_dtype(q.dtype)
+    results = []  # (group index, sub-problem, inputs, o, lse)
+    group_lse = []
+    for gi, group in enumerate(plan.groups):
+        l_g = q.new_zeros(BH, N, dtype=acc)
+        covered = q.new_zeros(BH, N, dtype=torch.bool)
         for sp in group:  # the sub-problems of a group cover disjoint rows
-            qs = sp.q_in(q).contiguous()
-            ks, vs = sp.kv_in(k).contiguous(), sp.kv_in(v).contiguous()
-            o, lse = kernel.forward(qs, ks, vs, sp.causal, sp.mask(qs), scale)
-            sp.q_out(o.to(acc), o_g)
-            sp.q_out(lse.to(acc)[..., None], l_g)
-            sp.q_out(torch.ones_like(lse, dtype=acc)[..., None], covered)
-        l_g.masked_fill_(covered == 0, float("-inf"))
-        outs.append(o_g)
-        lses.append(l_g)
-    if len(outs) == 1:
-        out, lse = outs[0], lses[0]
-    else:
-        lse = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, N, 1)
-        finite = torch.where(torch.isfinite(lse), lse, 0.0)
-        out = torch.zeros_like(outs[0])
-        for o_g, l_g in zip(outs, lses):
-            out.addcmul_(o_g, torch.exp(l_g - finite))
+            inputs = (sp.q_in(q), sp.kv_in(k), sp.kv_in(v))
+            o, lse = kernel.forward(*inputs, sp.causal, sp.mask(inputs[0]), scale)
+            sp.q_out(lse.to(acc)[..., None], l_g[..., None])
+            sp.q_out(torch.ones_like(lse, dtype=torch.bool)[..., None], covered[..., None])
+            results.append((gi, sp, inputs, o, lse))
+        group_lse.append(l_g.masked_fill_(~covered, float("-inf")))
+
+    lse = torch.logsumexp(torch.stack(group_lse), dim=0) if len(group_lse) > 1 else group_lse[0]
+    finite = torch.isfinite(lse)
+    safe = torch.where(finite, lse, 0.0)
+    out = q.new_zeros(BH, N, D, dtype=acc)
+    for gi, sp, inputs, o, part_lse in results:
+        w = torch.exp(part_lse.to(acc) - _rows(sp, safe))  # (BH, G, L)
+        sp.q_out(o.to(acc) * w[..., None], out)
     # A row with no allowed key has output 0; +inf makes its softmax weights 0 in the backward.
-    lse = torch.where(torch.isfinite(lse), lse, float("inf"))
-    return out.to(q.dtype), lse[..., 0]
+    lse = torch.where(finite, lse, float("inf"))
+    saved = [inputs for _, _, inputs, _, _ in results]
+    return out.to(q.dtype), lse, saved
 
 
-def sparse_backward(do, q, k, v, out, lse, plan: Plan, kernel: Kernel, scale: float):
-    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-    for group in plan.groups:
-        for sp in group:
-            qs = sp.q_in(q).contiguous()
-            ks, vs = sp.kv_in(k).contiguous(), sp.kv_in(v).contiguous()
-            gq, gk, gv = kernel.backward(
-                sp.q_in(do).contiguous(), qs, ks, vs, sp.q_in(out).contiguous(),
-                _gather_lse(sp, lse), sp.causal, sp.mask(qs), scale,
-            )
-            sp.q_out(gq.to(acc), dq)
-            sp.kv_out(gk.to(acc), dk)
-            sp.kv_out(gv.to(acc), dv)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+def sparse_backward(do, out, lse, saved, shape, plan: Plan, kernel: Kernel, scale: float, dtype):
+    acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    dq, dk, dv = (torch.zeros(shape, dtype=acc, device=do.device) for _ in range(3))
+    subproblems = [sp for group in plan.groups for sp in group]
+    for sp, (qs, ks, vs) in zip(subproblems, saved):
+        gq, gk, gv = kernel.backward(
+            sp.q_in(do), qs, ks, vs, sp.q_in(out), _rows(sp, lse).contiguous(), sp.causal, sp.mask(qs), scale,
+        )
+        sp.q_out(gq.to(acc), dq)
+        sp.kv_out(gk.to(acc), dk)
+        sp.kv_out(gv.to(acc), dv)
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 class SparseAttentionFunction(torch.autograd.Function):
@@ -78,20 +80,26 @@ class SparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan: Plan, kernel: Kernel, scale: float):
-        n = q.shape[2]
+        B, H, n, D = q.shape
         pad = -n % plan.block
-        if pad:
-            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        out, lse = sparse_forward(q, k, v, plan, kernel, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.kernel, ctx.scale, ctx.n = plan, kernel, scale, n
-        return out[:, :, :n]
+        # (B, H, n, D) -> (B*H, Np, D): one copy at most (padding or a non-contiguous input).
+        q, k, v = (F.pad(t, (0, 0, 0, pad)).view(B * H, n + pad, D) if pad else t.reshape(B * H, n, D) for t in (q, k, v))
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse, saved = sparse_forward(q, k, v, plan, kernel, scale)
+        ctx.save_for_backward(out, lse, *[t for inputs in saved for t in inputs])
+        ctx.plan, ctx.kernel, ctx.scale = plan, kernel, scale
+        ctx.dims, ctx.dtype = (B, H, n, D), q.dtype
+        return out.view(B, H, n + pad, D)[:, :, :n]
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        n = ctx.n
-        if q.shape[2] != n:
-            do = F.pad(do, (0, 0, 0, q.shape[2] - n))
-        dq, dk, dv = sparse_backward(do.contiguous(), q, k, v, out, lse, ctx.plan, ctx.kernel, ctx.scale)
-        return dq[:, :, :n], dk[:, :, :n], dv[:, :, :n], None, None, None
+        out, lse, *flat = ctx.saved_tensors
+        saved = [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
+        B, H, n, D = ctx.dims
+        N = out.shape[1]
+        if N != n:
+            do = F.pad(do, (0, 0, 0, N - n))
+        do = do.reshape(B * H, N, D).contiguous()
+        dq, dk, dv = sparse_backward(do, out, lse, saved, out.shape, ctx.plan, ctx.kernel, ctx.scale, ctx.dtype)
+        back = lambda g: g.view(B, H, N, D)[:, :, :n]  # noqa: E731
+        return back(dq), back(dk), back(dv), None, None, None

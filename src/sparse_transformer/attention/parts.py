@@ -1,15 +1,15 @@
 """Split a pattern into disjoint dense sub-problems on rearranged views (section 5.5).
 
-Everything here works on the padded canonical layout x [B, H, Np, X], where Np
+Everything here works on the padded canonical layout x [B*H, Np, X], where Np
 is a multiple of the pattern's block length and X is the head width (or 1 for
 a log-sum-exp). A ``SubProblem`` says how to gather its queries and keys into
-a [B, G, L, X] / [B, G, S, X] batch for a fused kernel, and how to scatter
+a [B*H, G, L, X] / [B*H, G, S, X] batch for a fused kernel, and how to scatter
 results back. The sub-problems of a ``Group`` cover disjoint query rows; the
 groups of a pattern cover disjoint (query, key) pairs whose union is exactly
 the pattern, so merging the groups through their log-sum-exps is exact.
 
   Local(w)        = diagonal blocks (causal) + previous block (upper triangle,
-                    done as a causal problem after reversing both blocks)
+                    with a mask)
   Strided(l)      = Local(l) + strided columns: view [Np/l, l], transpose, and
                     attend causally inside each of the l segments, diagonal excluded
   Fixed(l, c)     = diagonal blocks + summary keys of earlier blocks, gathered
@@ -35,13 +35,24 @@ from ..patterns import (
 
 
 def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:
-    B, H, N, X = x.shape
-    return x.view(B, H, N // b, b, X)
+    BH, N, X = x.shape
+    return x.view(BH, N // b, b, X)  # (BH, blocks, b, X)
+
+
+def _upper_mask(n: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive [n, n] mask that keeps column >= row."""
+    keep = torch.ones(n, n, dtype=torch.bool, device=like.device).triu()
+    return torch.zeros(n, n, dtype=like.dtype, device=like.device).masked_fill_(~keep, float("-inf"))
 
 
 @dataclass
 class SubProblem:
-    """One fused-kernel call. Subclasses define the gathers and scatters."""
+    """One fused-kernel call on views of the canonical layout x [B*H, Np, X].
+
+    ``q_in``/``kv_in`` return [B*H, G, L, X] / [B*H, G, S, X] (views where the
+    layout allows, so nothing is copied); ``q_out``/``kv_out`` add a result in
+    that layout back into a canonical buffer.
+    """
 
     causal: bool = False
 
@@ -55,11 +66,16 @@ class SubProblem:
         raise NotImplementedError
 
     def q_out(self, y: torch.Tensor, buf: torch.Tensor) -> None:
-        """Add y (in q_in's layout) into buf (canonical layout)."""
-        raise NotImplementedError
+        _add_into(self.q_in(buf), y, buf)
 
     def kv_out(self, y: torch.Tensor, buf: torch.Tensor) -> None:
-        raise NotImplementedError
+        _add_into(self.kv_in(buf), y, buf)
+
+
+def _add_into(view: torch.Tensor, y: torch.Tensor, buf: torch.Tensor) -> None:
+    # The gather must be a view of buf, or the addition would be lost.
+    assert view.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+    view += y.reshape(view.shape)
 
 
 @dataclass
@@ -69,14 +85,9 @@ class Whole(SubProblem):
     causal: bool = True
 
     def q_in(self, x):
-        return x
+        return x[:, None]
 
     kv_in = q_in
-
-    def q_out(self, y, buf):
-        buf += y
-
-    kv_out = q_out
 
 
 @dataclass
@@ -87,43 +98,30 @@ class BlockDiagonal(SubProblem):
     causal: bool = True
 
     def q_in(self, x):
-        B, H, N, X = x.shape
-        return x.reshape(B, H * (N // self.b), self.b, X)
+        return _blocks(x, self.b)
 
     kv_in = q_in
-
-    def q_out(self, y, buf):
-        buf += y.reshape(buf.shape)
-
-    kv_out = q_out
 
 
 @dataclass
 class PreviousBlock(SubProblem):
     """Query offset a in block n attends keys of block n-1 with offset > a.
 
-    Reversing both blocks turns this upper triangle into a causal problem:
-    query rows are offsets b-2..0, key columns offsets b-1..1.
+    The last query offset has no such key and key offset 0 serves no query, so
+    queries are offsets 0..b-2 and keys offsets 1..b-1, with the mask
+    column >= row.
     """
 
     b: int = 2
-    causal: bool = True
+
+    def mask(self, like):
+        return _upper_mask(self.b - 1, like)
 
     def q_in(self, x):
-        B, H, N, X = x.shape
-        return _blocks(x, self.b)[:, :, 1:, : self.b - 1].flip(3).reshape(B, -1, self.b - 1, X)
+        return _blocks(x, self.b)[:, 1:, : self.b - 1]
 
     def kv_in(self, x):
-        B, H, N, X = x.shape
-        return _blocks(x, self.b)[:, :, :-1, 1:].flip(3).reshape(B, -1, self.b - 1, X)
-
-    def q_out(self, y, buf):
-        B, H, N, X = buf.shape
-        _blocks(buf, self.b)[:, :, 1:, : self.b - 1] += y.reshape(B, H, -1, self.b - 1, X).flip(3)
-
-    def kv_out(self, y, buf):
-        B, H, N, X = buf.shape
-        _blocks(buf, self.b)[:, :, :-1, 1:] += y.reshape(B, H, -1, self.b - 1, X).flip(3)
+        return _blocks(x, self.b)[:, :-1, 1:]
 
 
 @dataclass
@@ -139,28 +137,14 @@ class Columns(SubProblem):
     causal: bool = True
 
     def _t(self, x):
-        B, H, N, X = x.shape
-        return x.view(B, H, N // self.l, self.l, X).transpose(2, 3)  # (B, H, l, Np/l, X)
+        BH, N, X = x.shape
+        return x.view(BH, N // self.l, self.l, X).transpose(1, 2)  # (BH, l, Np/l, X)
 
     def q_in(self, x):
-        B, H, N, X = x.shape
-        t = self._t(x)[..., 1:, :] if self.strict else self._t(x)
-        return t.reshape(B, H * self.l, -1, X)
+        return self._t(x)[:, :, 1:] if self.strict else self._t(x)
 
     def kv_in(self, x):
-        B, H, N, X = x.shape
-        t = self._t(x)[..., :-1, :] if self.strict else self._t(x)
-        return t.reshape(B, H * self.l, -1, X)
-
-    def q_out(self, y, buf):
-        B, H, N, X = buf.shape
-        t = self._t(buf)[..., 1:, :] if self.strict else self._t(buf)
-        t += y.reshape(t.shape)
-
-    def kv_out(self, y, buf):
-        B, H, N, X = buf.shape
-        t = self._t(buf)[..., :-1, :] if self.strict else self._t(buf)
-        t += y.reshape(t.shape)
+        return self._t(x)[:, :, :-1] if self.strict else self._t(x)
 
 
 @dataclass
@@ -174,20 +158,13 @@ class SummaryPrefix(SubProblem):
     b1: int = 2
 
     def q_in(self, x):
-        B, H, N, X = x.shape
-        return _blocks(x, self.l)[:, :, self.b0 : self.b1].reshape(B, H, -1, X)
+        return x[:, None, self.b0 * self.l : self.b1 * self.l]
 
     def kv_in(self, x):
-        B, H, N, X = x.shape
-        return _blocks(x, self.l)[:, :, : self.b0, self.s0 : self.s0 + self.c].reshape(B, H, -1, X)
-
-    def q_out(self, y, buf):
-        B, H, N, X = buf.shape
-        _blocks(buf, self.l)[:, :, self.b0 : self.b1] += y.reshape(B, H, self.b1 - self.b0, self.l, X)
+        return _blocks(x, self.l)[:, : self.b0, self.s0 : self.s0 + self.c].reshape(x.shape[0], 1, -1, x.shape[-1])
 
     def kv_out(self, y, buf):
-        B, H, N, X = buf.shape
-        _blocks(buf, self.l)[:, :, : self.b0, self.s0 : self.s0 + self.c] += y.reshape(B, H, self.b0, self.c, X)
+        _blocks(buf, self.l)[:, : self.b0, self.s0 : self.s0 + self.c] += y.reshape(buf.shape[0], self.b0, self.c, -1)
 
 
 @dataclass
@@ -214,24 +191,23 @@ class SummaryInChunk(SubProblem):
         return m.masked_fill_(kb[None, :] > qb[:, None], float("-inf"))
 
     def _chunks(self, x):
-        B, H, N, X = x.shape
-        blk = _blocks(x, self.l)[:, :, self.start : self.start + self.count * self.g]
-        return blk.view(B, H, self.count, self.g, self.l, X)  # (B, H, chunks, g, l, X)
+        BH, N, X = x.shape
+        blk = _blocks(x, self.l)[:, self.start : self.start + self.count * self.g]
+        return blk.reshape(BH, self.count, self.g, self.l, X)  # a view
 
     def q_in(self, x):
-        B, H, N, X = x.shape
-        return self._chunks(x)[:, :, :, 1:].reshape(B, H * self.count, -1, X)
+        BH, N, X = x.shape
+        return self._chunks(x)[:, :, 1:].reshape(BH, self.count, (self.g - 1) * self.l, X)
+
+    def _kv(self, x):
+        return self._chunks(x)[:, :, :-1, self.s0 : self.s0 + self.c]  # (BH, count, g-1, c, X)
 
     def kv_in(self, x):
-        B, H, N, X = x.shape
-        return self._chunks(x)[:, :, :, :-1, self.s0 : self.s0 + self.c].reshape(B, H * self.count, -1, X)
-
-    def q_out(self, y, buf):
-        t = self._chunks(buf)[:, :, :, 1:]
-        t += y.reshape(t.shape)
+        BH, N, X = x.shape
+        return self._kv(x).reshape(BH, self.count, -1, X)
 
     def kv_out(self, y, buf):
-        t = self._chunks(buf)[:, :, :, :-1, self.s0 : self.s0 + self.c]
+        t = self._kv(buf)
         t += y.reshape(t.shape)
 
 
@@ -248,20 +224,10 @@ class SummaryOwnBlock(SubProblem):
     causal: bool = True
 
     def q_in(self, x):
-        B, H, N, X = x.shape
-        return _blocks(x, self.l)[:, :, :, self.s0 :].reshape(B, -1, self.l - self.s0, X)
+        return _blocks(x, self.l)[:, :, self.s0 :]
 
     def kv_in(self, x):
-        B, H, N, X = x.shape
-        return _blocks(x, self.l)[:, :, :, self.s0 : self.s0 + self.c].reshape(B, -1, self.c, X)
-
-    def q_out(self, y, buf):
-        t = _blocks(buf, self.l)[:, :, :, self.s0 :]
-        t += y.reshape(t.shape)
-
-    def kv_out(self, y, buf):
-        t = _blocks(buf, self.l)[:, :, :, self.s0 : self.s0 + self.c]
-        t += y.reshape(t.shape)
+        return _blocks(x, self.l)[:, :, self.s0 : self.s0 + self.c]
 
 
 @dataclass
