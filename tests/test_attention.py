@@ -1,0 +1,168 @@
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sparse_transformer as sp
+from sparse_transformer import patterns as P
+
+BACKENDS = ["auto", "math"]
+
+
+def rel_err(a, b):
+    """Largest error relative to the largest reference value (at least 1: inputs are N(0, 1))."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1.0)).item()
+
+
+def run(q, k, v, pattern, backend, do):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = sp.attention(q, k, v, pattern, backend=backend)
+    o.backward(do)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def compare(pattern, B, H, N, D, dtype, backend, tol, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(4))
+    got = run(q, k, v, pattern, backend, do)
+    want = run(q.double(), k.double(), v.double(), pattern, "reference", do.double())
+    for name, a, b in zip("o dq dk dv".split(), got, want):
+        assert a.dtype == dtype
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) <= tol, (name, rel_err(a, b))
+
+
+def patterns_for(stride, c):
+    return [
+        P.Dense(),
+        P.Local(stride),
+        P.Strided(stride),
+        P.StridedColumns(stride),
+        P.Fixed(stride, c),
+        P.Fixed(stride, c, distinct_heads=True),
+        P.FixedBlock(stride),
+        P.FixedSummary(stride, c),
+    ]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    N=st.integers(1, 150),
+    D=st.sampled_from([4, 16, 32]),
+    stride=st.integers(1, 20),
+    data=st.data(),
+)
+def test_matches_reference_float64(B, H, N, D, stride, data):
+    c = data.draw(st.integers(1, stride))
+    backend = data.draw(st.sampled_from(BACKENDS))
+    for pattern in patterns_for(stride, c):
+        compare(pattern, B, H, N, D, torch.float64, backend, 1e-5)
+
+
+@pytest.mark.parametrize("N", [1, 17, 64, 200, 301])
+@pytest.mark.parametrize("pattern", patterns_for(16, 4), ids=repr)
+def test_matches_reference_float32(pattern, N):
+    compare(pattern, 2, 2, N, 32, torch.float32, "auto", 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", [P.Strided(16), P.Fixed(16, 4), P.Dense(), P.Local(10)], ids=repr)
+def test_matches_reference_low_precision(pattern, dtype):
+    compare(pattern, 1, 2, 203, 32, dtype, "auto", 2e-2)
+
+
+def test_per_head_patterns():
+    pats = [P.Local(8), P.StridedColumns(8), P.Fixed(8, 2), P.Dense()]
+    compare(pats, 2, 4, 90, 16, torch.float64, "auto", 1e-5)
+    compare(pats, 2, 4, 90, 16, torch.float32, "auto", 1e-5)
+
+
+def test_long_sequence_against_reference():
+    compare(P.Strided(64), 1, 2, 4000, 16, torch.float32, "auto", 1e-5)
+    compare(P.Fixed(64, 8, distinct_heads=True), 1, 2, 4000, 16, torch.float32, "auto", 1e-5)
+
+
+@pytest.mark.parametrize("pattern", patterns_for(7, 3), ids=repr)
+def test_causal(pattern):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 60, 8, generator=g) for _ in range(3))
+    base = sp.attention(q, k, v, pattern)
+    for i in (0, 13, 41):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, i + 1 :] = torch.randn_like(k2[:, :, i + 1 :]) * 100
+        v2[:, :, i + 1 :] = torch.randn_like(v2[:, :, i + 1 :]) * 100
+        out = sp.attention(q, k2, v2, pattern)
+        assert torch.equal(out[:, :, : i + 1], base[:, :, : i + 1])
+
+
+@pytest.mark.parametrize("N", [1, 2, 129, 3001])
+def test_finite_everywhere(N):
+    for pattern in patterns_for(32, 8):
+        q, k, v = (torch.randn(1, 2, N, 16, requires_grad=True) for _ in range(3))
+        o = sp.attention(q * 30, k * 30, v, pattern)  # large logits
+        o.sum().backward()
+        for t in (o, q.grad, k.grad, v.grad):
+            assert torch.isfinite(t).all(), pattern
+
+
+def test_rows_without_keys_are_zero():
+    # FixedSummary(8, 2): queries 0..5 come before the first summary column.
+    q, k, v = (torch.randn(1, 1, 20, 8) for _ in range(3))
+    o = sp.attention(q, k, v, P.FixedSummary(8, 2))
+    assert torch.equal(o[0, 0, :6], torch.zeros(6, 8))
+    assert o[0, 0, 6:].abs().sum() > 0
+
+
+def test_scale():
+    q, k, v = (torch.randn(1, 2, 50, 8, dtype=torch.float64) for _ in range(3))
+    a = sp.attention(q, k, v, P.Strided(7), scale=0.3)
+    b = sp.attention(q, k, v, P.Strided(7), scale=0.3, backend="reference")
+    assert rel_err(a, b) < 1e-10
+
+
+def test_non_contiguous_inputs():
+    x = torch.randn(2, 50, 3, 8, dtype=torch.float64)  # (B, N, H, D) as a model makes it
+    q = k = v = x.transpose(1, 2)
+    a = sp.attention(q, k, v, P.Fixed(8, 2))
+    b = sp.attention(q, k, v, P.Fixed(8, 2), backend="reference")
+    assert rel_err(a, b) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.randn(2, 8, 4),) * 3, "must be 4-D"),
+        ((torch.randn(1, 2, 8, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 8, 4)), "same shape"),
+        ((torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4).double(), torch.randn(1, 2, 8, 4)), "same dtype"),
+        ((torch.randint(0, 3, (1, 2, 8, 4)),) * 3, "dtype must be one of"),
+    ],
+)
+def test_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        sp.attention(*args, P.Strided(4))
+
+
+def test_bad_pattern_list_and_backend():
+    q = torch.randn(1, 3, 8, 4)
+    with pytest.raises(ValueError, match="one pattern per head: got 2 for H=3"):
+        sp.attention(q, q, q, [P.Dense(), P.Dense()])
+    with pytest.raises(ValueError, match="must be a Pattern"):
+        sp.attention(q, q, q, "strided")
+    with pytest.raises(ValueError, match="unknown backend"):
+        sp.attention(q, q, q, P.Dense(), backend="fast")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        sp.attention(q, q, q, P.Dense(), backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
+@pytest.mark.parametrize("pattern", [P.Strided(32), P.Fixed(32, 8), P.Fixed(32, 8, True), P.Dense(), P.Local(20), P.FixedSummary(32, 8)], ids=repr)
+def test_cuda_matches_reference(pattern, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(2, 4, 1000, 64, generator=g) for _ in range(4))
+    want = run(q.double(), k.double(), v.double(), pattern, "reference", do.double())
+    got = run(*(t.cuda().to(dtype) for t in (q, k, v)), pattern, "auto", do.cuda().to(dtype))
+    for a, b in zip(got, want):
+        assert rel_err(a.cpu(), b) <= tol

@@ -1,0 +1,114 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_transformer import patterns as P
+
+
+def brute(pattern, n, head=0):
+    """The section 4.3 definitions, written as plainly as possible."""
+    m = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(i + 1):
+            if isinstance(pattern, P.Dense):
+                ok = True
+            elif isinstance(pattern, P.Local):
+                ok = i - j < pattern.window
+            elif isinstance(pattern, P.Strided):
+                ok = i - j < pattern.stride or (i - j) % pattern.stride == 0
+            elif isinstance(pattern, P.StridedColumns):
+                ok = (i - j) % pattern.stride == 0
+            elif isinstance(pattern, (P.Fixed, P.FixedSummary, P.FixedBlock)):
+                l = pattern.stride
+                same = j // l == i // l
+                if isinstance(pattern, P.FixedBlock):
+                    ok = same
+                else:
+                    c = pattern.c
+                    k = head % (l // c) if pattern.distinct_heads else 0
+                    summary = l - c * (k + 1) <= j % l < l - c * k
+                    ok = summary if isinstance(pattern, P.FixedSummary) else (same or summary)
+            m[i, j] = ok
+    return m
+
+
+def all_patterns(stride, c):
+    return [
+        P.Dense(),
+        P.Local(stride),
+        P.Strided(stride),
+        P.StridedColumns(stride),
+        P.Fixed(stride, c),
+        P.Fixed(stride, c, distinct_heads=True),
+        P.FixedBlock(stride),
+        P.FixedSummary(stride, c),
+        P.FixedSummary(stride, c, distinct_heads=True),
+    ]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), stride=st.integers(1, 9), data=st.data())
+def test_mask_matches_definition(n, stride, data):
+    c = data.draw(st.integers(1, stride))
+    head = data.draw(st.integers(0, 5))
+    for p in all_patterns(stride, c):
+        m = p.mask(n, head=head)
+        assert m.dtype == torch.bool and m.shape == (n, n)
+        assert torch.equal(m, brute(p, n, head)), p
+        assert not m.triu(1).any(), "patterns are causal"
+        assert p.num_pairs(n, head) == int(m.sum())
+        assert torch.equal(p.row_counts(n, head), m.sum(1))
+
+
+@pytest.mark.parametrize("stride,c", [(4, 1), (8, 3), (6, 2)])
+def test_factors_union_is_pattern(stride, c):
+    for p in (P.Strided(stride), P.Fixed(stride, c), P.Fixed(stride, c, distinct_heads=True)):
+        for head in range(3):
+            union = torch.zeros(50, 50, dtype=torch.bool)
+            for f in p.factors():
+                union |= f.mask(50, head)
+            assert torch.equal(union, p.mask(50, head))
+
+
+def test_paper_example_strided():
+    m = P.Strided(4).mask(12)
+    assert m[11].nonzero().flatten().tolist() == [3, 7, 8, 9, 10, 11]
+
+
+def test_paper_example_fixed():
+    m = P.Fixed(4, 1).mask(12)
+    assert m[9].nonzero().flatten().tolist() == [3, 7, 8, 9]
+
+
+def test_distinct_heads_use_distinct_summaries():
+    p = P.Fixed(8, 2, distinct_heads=True)
+    starts = [p.summary_start(h) for h in range(5)]
+    assert starts == [6, 4, 2, 0, 6]
+    cols = [set(P.FixedSummary(8, 2, True).mask(64, h)[63].nonzero().flatten().tolist()) for h in range(4)]
+    assert all(a.isdisjoint(b) for i, a in enumerate(cols) for b in cols[i + 1 :])
+
+
+def test_density():
+    assert P.Dense().density(100) == 1.0
+    n = 16384
+    assert P.Strided(128).density(n) == pytest.approx(P.Strided(128).num_pairs(n) / (n * (n + 1) / 2))
+    assert P.Strided(128).density(n) < 0.03
+    assert P.Fixed(128, 16).density(n) < 0.14
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: P.Strided(0), "stride must be >= 1"),
+        (lambda: P.Local(0), "window must be >= 1"),
+        (lambda: P.Fixed(8, 0), r"c must be in \[1, 8\]"),
+        (lambda: P.Fixed(8, 9), r"c must be in \[1, 8\]"),
+        (lambda: P.Fixed(0, 1), "stride must be >= 1"),
+        (lambda: P.Strided(2.5), "stride must be an integer"),
+        (lambda: P.Dense().mask(0), "n must be >= 1"),
+    ],
+)
+def test_invalid_parameters(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
