@@ -1,0 +1,1 @@
+"""Benchmarks behind ``sparse-transformer bench ...``. They print and write JSON; they never edit BENCHMARKS.md."""

@@ -1,0 +1,228 @@
+"""The ``sparse-transformer`` command line.
+
+Every subcommand reports bad input as one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .sysutil import tune_malloc
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage; we keep it, and exit 2 as argparse does
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
+def _add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    att = bsub.add_parser(
+        "attention",
+        help="sparse vs dense causal attention: time, memory, FLOP rate",
+        description=(
+            "Times the forward and forward+backward of dense causal SDPA, Strided(~sqrt N) and "
+            "Fixed(128, 16), measures peak memory in a fresh process, and reports speedups over "
+            "dense and FLOP rates on the allowed pairs against a matrix product timed in the same run."
+        ),
+    )
+    att.add_argument("--n", type=_positive_ints, default=[4096, 16384, 65536], help="sequence lengths (default 4096,16384,65536)")
+    att.add_argument("--batch", type=int, default=1, help="B (default 1)")
+    att.add_argument("--heads", type=int, default=4, help="H (default 4)")
+    att.add_argument("--dim", type=int, default=64, help="head width D (default 64)")
+    att.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    att.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    att.add_argument("--cases", default=None, help="comma list: dense, strided[:l], fixed[:l[:c]], local:w (default dense,strided,fixed:128:16)")
+    att.add_argument("--max-dense-n", type=int, default=None, help="skip the dense baseline above this N")
+    att.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults")
+    att.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH", help="write the results as JSON to PATH (stdout without PATH)")
+
+
+def _add_train(sub) -> None:
+    from .train.config import presets
+
+    tr = sub.add_parser(
+        "train",
+        help="train a Sparse Transformer (default: the quick preset on Python's own docs)",
+        description=(
+            "Train a Sparse Transformer. Settings come from a preset, then a TOML file, then "
+            "overrides such as --model.n_layer 8 --train.steps 500 --data.name PATH. "
+            f"Presets: {', '.join(presets())}. Writes ckpt.pt, metrics.jsonl, model.safetensors, "
+            "config.json and summary.json into train.out_dir."
+        ),
+        epilog="Settings: model.* (n_ctx, d_model, n_layer, n_head, pattern, stride, c, combine, ...), "
+        "train.* (steps, batch_size, lr, warmup, precision, device, out_dir, ...), data.* (name, train_fraction). "
+        "An unknown setting is an error that lists the allowed ones.",
+    )
+    tr.add_argument("--preset", default=None, help="preset name (default quick, unless --config is given)")
+    tr.add_argument("--config", default=None, metavar="FILE", help="a TOML file with [model], [train], [data] tables")
+    tr.add_argument("--resume", action="store_true", help="continue from train.out_dir/ckpt.pt")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
+
+    ev = sub.add_parser(
+        "eval",
+        help="bits per dim of a checkpoint on a split",
+        description="Evaluate a checkpoint: mean NLL / ln 2 over the whole split, in fixed non-overlapping windows.",
+    )
+    ev.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
+    ev.add_argument("--split", default="val", help="val (default) or test")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-bytes", type=int, default=0, help="evaluate only the first bytes of the split (0 = all)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                    help="write the result as JSON to PATH (stdout without PATH); default: eval-SPLIT.json beside the checkpoint")
+
+
+def _overrides(extra: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise UsageError(f"unrecognised argument {arg!r}; settings look like --model.n_layer 8")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(extra):
+                raise UsageError(f"{arg} needs a value")
+            i += 1
+            value = extra[i]
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def _cmd_train(args, extra) -> int:
+    from .train.config import build_config
+    from .train.loop import train
+
+    cfg = build_config(args.preset, args.config, _overrides(extra))
+    if args.resume:
+        from .train.checkpoint import load_checkpoint
+        from .train.config import RunConfig, set_key
+
+        ckpt = load_checkpoint(f"{cfg.train.out_dir}/ckpt.pt")
+        cfg = RunConfig.from_dict(ckpt["config"])
+        for key, value in _overrides(extra):
+            set_key(cfg, key, value)
+        cfg.validate()
+    if args.print_config:
+        import json
+
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    train(cfg, resume=args.resume, show_progress=not args.no_progress)
+    return 0
+
+
+def _cmd_eval(args, extra) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .bench.common import write_json
+    from .data import load_dataset
+    from .model import ModelConfig, SparseTransformer
+    from .train.checkpoint import load_checkpoint, resolve
+    from .train.config import RunConfig
+    from .train.evaluate import evaluate
+    from .train.loop import pick_device
+
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+    path = resolve(args.checkpoint)
+    ckpt = load_checkpoint(path)
+    cfg = RunConfig.from_dict(ckpt["config"])
+    device = pick_device(args.device)
+    model = SparseTransformer(cfg.model).to(device)
+    state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
+    model.load_state_dict(state)
+    ds = load_dataset(cfg.data.name, cfg.data.train_fraction)
+    res = evaluate(model, ds.split(args.split), batch_size=args.batch_size, precision=cfg.train.precision, max_bytes=args.max_bytes)
+    res.update({"checkpoint": str(path), "split": args.split, "step": ckpt["step"], "dataset": ds.name, "ema": bool(ckpt.get("ema"))})
+    if args.json != "-":
+        print(f"{ds.name} {args.split}: {res['bits_per_dim']:.4f} bits per dim over {res['bytes']:,} bytes (step {ckpt['step']})")
+    write_json(res, args.json or str(path.parent / f"eval-{args.split}.json"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="sparse-transformer",
+        description="Sparse Transformers (Child et al., 2019): exact strided and fixed attention in PyTorch.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    _add_bench(sub)
+    return parser
+
+
+def _cmd_bench(args, extra) -> int:
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+    import torch
+
+    if args.bench == "attention":
+        from .bench import attention as ba
+        from .bench.common import write_json
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+            raise UsageError(f"--device must be cpu or cuda (with a CUDA device available), got {device!r}")
+        for name in ("batch", "heads", "dim"):
+            if getattr(args, name) < 1:
+                raise UsageError(f"--{name} must be >= 1")
+        result = ba.run(
+            args.n, B=args.batch, H=args.heads, D=args.dim, dtype=args.dtype, device=device,
+            cases=args.cases or ba.DEFAULT_CASES, max_dense_n=args.max_dense_n,
+            malloc_tuning=not args.no_malloc_tuning,
+            progress=lambda m: print(m, file=sys.stderr),
+        )
+        if args.json != "-":
+            print(ba.report(result))
+        if args.json:
+            write_json(result, args.json)
+        return 0
+    raise UsageError(f"unknown benchmark {args.bench!r}")
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "bench": _cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "no_malloc_tuning", False):
+        tune_malloc()
+    try:
+        return COMMANDS[args.command](args, extra)
+    except (UsageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"sparse-transformer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparse-transformer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

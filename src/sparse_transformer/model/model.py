@@ -1,0 +1,172 @@
+"""The Sparse Transformer (paper sections 5.2, 5.3 and 6), readable top to bottom.
+
+    h_0 = embed(start token, x shifted right) + factorized position embeddings
+    h_k = h_{k-1} + a + b,   a = dropout(attn(norm(h_{k-1}))),
+                             b = dropout(ff(norm(h_{k-1} + a)))
+    logits = norm(h_N) W_out
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..attention import attention
+from .config import ModelConfig
+
+
+class PositionEmbedding(nn.Module):
+    """One learned table per data dimension, summed (section 5.3).
+
+    Position p is unravelled into coordinates of ``shape`` (row-major): for
+    images (row, column, channel); for text and audio (p // stride, p % stride).
+    """
+
+    def __init__(self, shape: list[int], n_ctx: int, d_model: int):
+        super().__init__()
+        self.tables = nn.ParameterList([nn.Parameter(torch.zeros(n, d_model)) for n in shape])
+        coords = []
+        p = torch.arange(n_ctx)
+        for n in reversed(shape):
+            coords.append(p % n)
+            p = p // n
+        self.register_buffer("coords", torch.stack(coords[::-1]), persistent=False)  # (len(shape), n_ctx)
+
+    def forward(self, n: int) -> torch.Tensor:
+        out = 0
+        for table, idx in zip(self.tables, self.coords[:, :n]):
+            out = out + table[idx]
+        return out  # (n, d_model)
+
+
+class Attention(nn.Module):
+    """Multi-head sparse self-attention. Queries and keys may be narrower (qk_ratio)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.n_head, self.d_qk, self.d_v = cfg.n_head, cfg.d_qk, cfg.d_model
+        self.q = nn.Linear(cfg.d_model, cfg.d_qk)
+        self.k = nn.Linear(cfg.d_model, cfg.d_qk)
+        self.v = nn.Linear(cfg.d_model, cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.pattern = cfg.layer_patterns(layer)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, C/H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if self.d_qk != self.d_v:
+            # The fused kernels need one head width; zero columns leave q.k unchanged.
+            pad = (0, v.shape[-1] - q.shape[-1])
+            q, k = F.pad(q, pad), F.pad(k, pad)
+        y = attention(q, k, v, self.pattern, scale=scale)  # (B, H, T, C/H)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y)
+
+
+def gelu_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """The paper's GELU approximation x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class FeedForward(nn.Module):
+    """ff(x) = W2 f(W1 x + b1) + b2, width ff_mult * d (section 5.2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.act = F.gelu if cfg.activation == "gelu" else gelu_sigmoid
+
+    def forward(self, x):
+        return self.proj(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-activation residual block: h + a(h) + b(h) (section 5.2)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.attn = Attention(cfg, layer)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ff = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        a = self.drop(self.attn(self.ln1(h)))
+        b = self.drop(self.ff(self.ln2(h + a)))
+        return h + a + b
+
+
+class SparseTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.tok = nn.Embedding(cfg.vocab_size, d)
+        self.start = nn.Parameter(torch.zeros(d))
+        self.pos = PositionEmbedding(cfg.position_shape(), cfg.n_ctx, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg, r) for r in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, cfg.vocab_size)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialisation of section 6."""
+        cfg = self.cfg
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=math.sqrt(0.125 / m.in_features))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for blk in self.blocks:  # residual outputs scaled by 1/sqrt(2N)
+            blk.attn.proj.weight.mul_(1 / math.sqrt(2 * cfg.n_layer))
+            blk.ff.proj.weight.mul_(1 / math.sqrt(2 * cfg.n_layer))
+        emb_std = 0.125 / math.sqrt(cfg.d_model)
+        nn.init.normal_(self.tok.weight, std=emb_std)
+        nn.init.normal_(self.start, std=emb_std)
+        for t in self.pos.tables:
+            nn.init.normal_(t, std=emb_std / math.sqrt(len(self.pos.tables)))
+        nn.init.zeros_(self.head.weight)  # logits start at zero
+        nn.init.zeros_(self.head.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T) bytes -> (B, T, d): the start token, then x shifted right, plus positions."""
+        B, T = x.shape
+        if T > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {T} exceeds model.n_ctx={self.cfg.n_ctx}")
+        h = torch.cat([self.start.expand(B, 1, -1), self.tok(x[:, :-1])], dim=1)
+        return self.drop(h + self.pos(T))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T) int64 in [0, vocab) -> logits (B, T, vocab); logits[:, t] predicts x[:, t]."""
+        h = self.embed(x)
+        for blk in self.blocks:
+            if self.cfg.recompute and self.training and torch.is_grad_enabled():
+                # Recompute attention and feed-forward in the backward (section 5.4);
+                # the RNG state is restored so dropout masks match.
+                h = checkpoint(blk, h, use_reentrant=False, preserve_rng_state=True)
+            else:
+                h = blk(h)
+        return self.head(self.ln_f(h))
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood in nats per byte."""
+        logits = self.forward(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

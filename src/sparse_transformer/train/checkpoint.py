@@ -1,0 +1,75 @@
+"""Checkpoints: atomic writes, tensors and plain types only, safetensors export."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..sysutil import atomic_write_text
+
+CKPT_NAME = "ckpt.pt"
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CKPT_NAME
+    if not p.is_file():
+        raise ValueError(f"checkpoint not found: {p}")
+    return p
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load with weights_only=True; a corrupt or truncated file is a ValueError."""
+    p = resolve(path)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {p} is corrupt or truncated ({first})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{p} is not a sparse-transformer checkpoint")
+    return ckpt
+
+
+def export_weights(state: dict[str, torch.Tensor], config: dict, out_dir: Path) -> None:
+    """model.safetensors + config.json, both written atomically."""
+    from safetensors.torch import save
+
+    from ..sysutil import atomic_write_bytes
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write_bytes(out_dir / "model.safetensors", save(tensors))
+    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,192 @@
+"""Run configuration: dataclasses, presets, TOML files and ``--section.key value`` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..model.config import ModelConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping (paper section 6)."""
+
+    steps: int = 1000
+    batch_size: int = 8  # sequences per optimizer step (global, over all processes)
+    grad_accum: int = 1  # micro-batches per step
+    lr: float = 1e-3
+    warmup: int = 100  # linear warmup steps, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.01  # decoupled, on matrices only
+    grad_clip: float = 1.0
+    ema: float = 0.0  # Polyak averaging of the weights (0.999 in the paper's style); 0 = off
+    precision: str = "float32"  # float32 | bfloat16 | float16 (float16 needs CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 1234
+    eval_every: int = 0  # 0 = only at the end
+    eval_max_bytes: int = 0  # 0 = the whole split
+    ckpt_every: int = 0  # 0 = only at the end
+    time_limit: float = 0.0  # seconds of training; 0 = no limit
+    log_every: int = 10
+    sample_bytes: int = 200  # a short sample at the end of a text run; 0 = none
+    out_dir: str = "runs/quick"
+    threads: int = 0  # torch.set_num_threads; 0 = leave as is
+
+
+@dataclass
+class DataConfig:
+    """What to train on. ``name`` is a built-in corpus or a path.
+
+    default: documentation text shipped inside Python's standard library
+             (pydoc_data), available offline on every machine.
+    A path: a text/bytes file (first ``train_fraction`` for training, the rest
+    for validation), or a folder written by ``sparse-transformer data prepare``.
+    """
+
+    name: str = "default"
+    train_fraction: float = 0.9
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        cfg = cls()
+        apply_dict(cfg, d, "")
+        return cfg
+
+    def validate(self) -> None:
+        self.model.validate()
+        t = self.train
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
+                raise ValueError(f"train.{name} must be an integer >= 1, got {getattr(t, name)!r}")
+        for name in ("warmup", "eval_every", "ckpt_every", "eval_max_bytes", "sample_bytes", "threads"):
+            if not isinstance(getattr(t, name), int) or getattr(t, name) < 0:
+                raise ValueError(f"train.{name} must be an integer >= 0, got {getattr(t, name)!r}")
+        if t.batch_size % t.grad_accum:
+            raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
+        if not t.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {t.lr}")
+        if t.precision not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"train.precision must be one of float32, bfloat16, float16, got {t.precision!r}")
+        if not 0 <= t.ema < 1:
+            raise ValueError(f"train.ema must be in [0, 1), got {t.ema}")
+        if not 0 < self.data.train_fraction < 1:
+            raise ValueError(f"data.train_fraction must be in (0, 1), got {self.data.train_fraction}")
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def _coerce(section: str, f: dataclasses.Field, value, from_text: bool):
+    key = f"{section}.{f.name}"
+    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if typ == "bool":
+            if isinstance(value, bool):
+                return value
+            if from_text and str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if from_text and str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            if from_text:
+                return int(str(value).replace("_", ""))
+            raise ValueError
+        if typ == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value) if (from_text or isinstance(value, (int, float))) else _bad()
+        if typ == "str":
+            if isinstance(value, str):
+                return value
+            raise ValueError
+        if typ.startswith("list"):
+            if isinstance(value, list):
+                return [int(v) for v in value]
+            if from_text:
+                text = str(value).strip("[] ")
+                return [int(v) for v in text.replace("x", ",").split(",") if v.strip()] if text else []
+            raise ValueError
+    except (ValueError, TypeError):
+        raise ValueError(f"{key} expects {typ}, got {value!r}") from None
+    return value
+
+
+def _bad():
+    raise ValueError
+
+
+def set_key(cfg: RunConfig, dotted: str, value, from_text: bool = True) -> None:
+    """Set ``section.key`` on cfg, checking that the key exists and the value has its type."""
+    section, _, name = dotted.partition(".")
+    if section not in SECTIONS or not name:
+        raise ValueError(f"unknown setting {dotted!r}; settings are model.*, train.*, data.*")
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    if name not in fields:
+        raise ValueError(f"unknown setting {dotted!r}; allowed: {', '.join(section + '.' + k for k in fields)}")
+    setattr(getattr(cfg, section), name, _coerce(section, fields[name], value, from_text))
+
+
+def apply_dict(cfg: RunConfig, d: dict, origin: str) -> None:
+    for section, values in d.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise ValueError(f"{origin}unknown section {section!r}; allowed: model, train, data")
+        for k, v in values.items():
+            set_key(cfg, f"{section}.{k}", v, from_text=False)
+
+
+def load_toml(cfg: RunConfig, path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    apply_dict(cfg, d, f"{path}: ")
+
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def build_config(preset: str | None, config_file: str | None, overrides: list[tuple[str, str]]) -> RunConfig:
+    """Preset, then TOML file, then command-line overrides; then validate."""
+    cfg = RunConfig()
+    name = preset or ("quick" if not config_file else None)
+    if name:
+        if name not in presets():
+            raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(presets())}")
+        load_toml(cfg, PRESET_DIR / f"{name}.toml")
+    if config_file:
+        load_toml(cfg, Path(config_file))
+    for key, value in overrides:
+        set_key(cfg, key, value)
+    cfg.validate()
+    return cfg

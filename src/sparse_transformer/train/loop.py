@@ -1,0 +1,234 @@
+"""The training loop (paper section 6): AdamW, warmup + cosine, clipping, mixed precision,
+recomputation, EMA, atomic checkpoints and exact resume."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import get_batch, load_dataset
+from ..model import ModelConfig, SparseTransformer
+from ..model.generate import generate_naive
+from ..sysutil import atomic_write_text
+from .checkpoint import CKPT_NAME, atomic_torch_save, export_weights, load_checkpoint
+from .config import RunConfig
+from .evaluate import autocast_context, evaluate
+from .optim import EMA, lr_at, make_optimizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return dev
+
+
+class MetricsLog:
+    """metrics.jsonl (always) and TensorBoard (when installed)."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None):
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # Drop what was logged after the checkpoint we resume from.
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+        self.f = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        except Exception:  # tensorboard not installed
+            self.tb = None
+
+    def log(self, row: dict) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+        if self.tb:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, echo=print) -> dict:
+    """Train as ``cfg`` says; returns a summary with the final validation bits per dim."""
+    cfg.validate()
+    t = cfg.train
+    out = Path(t.out_dir)
+    ckpt_path = out / CKPT_NAME
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = pick_device(t.device)
+    if t.precision == "float16" and device.type != "cuda":
+        raise ValueError("train.precision float16 needs a CUDA device (dynamic loss scaling); use bfloat16 on the CPU")
+
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)  # a clear error if missing or corrupt; nothing is written before
+        saved = ckpt["config"]["model"]
+        if saved != cfg.to_dict()["model"]:
+            raise ValueError(f"the model settings differ from the checkpoint in {out}; resume with the same model.* settings")
+    elif ckpt_path.exists():
+        raise ValueError(f"{ckpt_path} already exists; pass --resume to continue it or choose another --train.out_dir")
+
+    ds = load_dataset(cfg.data.name, cfg.data.train_fraction)
+    train_data, val_data = ds.split("train"), ds.split("val")
+    whole = math.prod(ds.shape) if ds.modality == "image" and ds.shape else 0
+
+    torch.manual_seed(t.seed)
+    model = SparseTransformer(cfg.model).to(device)
+    opt = make_optimizer(model, t, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "float16")
+    ema = EMA(model, t.ema) if t.ema else None
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"])
+        start = int(ckpt["step"])
+        _set_rng_state(ckpt["rng"], device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    log = MetricsLog(out, start if resume else None)
+    n_params = model.num_params()
+    if start == 0:
+        echo(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, d {cfg.model.d_model}, "
+             f"{cfg.model.pattern} ({cfg.model.combine}), context {cfg.model.n_ctx}; data {ds.name}: "
+             f"{len(train_data):,} train / {len(val_data):,} val bytes; device {device}")
+
+    def save(step: int) -> None:
+        atomic_torch_save(
+            {
+                "format": 1,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "ema": ema.state_dict() if ema else {},
+                "step": step,
+                "data_position": step,  # batches are a pure function of (seed, step)
+                "rng": _rng_state(device),
+                "config": cfg.to_dict(),
+            },
+            ckpt_path,
+        )
+
+    def run_eval(step: int) -> dict:
+        if ema:
+            ema.swap(model)
+        res = evaluate(model, val_data, batch_size=max(1, t.batch_size // t.grad_accum), precision=t.precision, max_bytes=t.eval_max_bytes)
+        if ema:
+            ema.swap(model)
+        log.log({"step": step, "val_bpb": res["bits_per_dim"], "val_bytes": res["bytes"]})
+        return res
+
+    tokens_per_step = t.batch_size * cfg.model.n_ctx
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True, leave=True)
+    t0 = time.perf_counter()
+    last_log, last_step, step = t0, start, start
+    losses = []
+    model.train()
+    try:
+        for step in range(start, t.steps):
+            lr = lr_at(step, t)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(t.grad_accum):
+                x = get_batch(train_data, cfg.model.n_ctx, t.seed, step, t.batch_size, micro=micro,
+                              n_micro=t.grad_accum, whole_examples=whole).to(device, non_blocking=True)
+                with autocast_context(device, t.precision):
+                    loss = model.loss(x) / t.grad_accum
+                scaler.scale(loss).backward()
+                loss_sum += loss.item()
+            scaler.unscale_(opt)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+            scaler.step(opt)  # skipped by the scaler when float16 gradients overflowed
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if ema:
+                ema.update(model)
+            losses.append(loss_sum)
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                now = time.perf_counter()
+                tok_s = (done - last_step) * tokens_per_step / max(now - last_log, 1e-9)
+                last_log, last_step = now, done
+                row = {"step": done, "loss": loss_sum, "bpb": loss_sum / math.log(2), "lr": lr,
+                       "grad_norm": gnorm, "tok_s": tok_s, "time": now - t0}
+                log.log(row)
+                if bar:
+                    bar.set_postfix(loss=f"{loss_sum:.3f}", bpb=f"{loss_sum / math.log(2):.3f}", tok_s=f"{tok_s:,.0f}")
+            if bar:
+                bar.update(1)
+            if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+                res = run_eval(done)
+                echo(f"step {done}: val {res['bits_per_dim']:.4f} bits/dim")
+            if t.ckpt_every and done % t.ckpt_every == 0:
+                save(done)
+            if t.time_limit and time.perf_counter() - t0 >= t.time_limit:
+                echo(f"time limit of {t.time_limit:.0f} s reached at step {done}")
+                break
+    finally:
+        if bar:
+            bar.close()
+    train_time = time.perf_counter() - t0
+    final_step = step + 1 if t.steps > start else start
+    save(final_step)
+    res = run_eval(final_step)
+    eval_state = ema.state_dict() if ema else model.state_dict()
+    export_weights({k: v for k, v in eval_state.items()}, cfg.to_dict(), out)
+    summary = {
+        "steps": final_step, "train_seconds": train_time, "val_bits_per_dim": res["bits_per_dim"],
+        "val_bytes": res["bytes"], "parameters": n_params, "out_dir": str(out),
+        "last_train_loss": losses[-1] if losses else None,
+    }
+    echo(f"validation: {res['bits_per_dim']:.4f} bits per byte over {res['bytes']:,} bytes "
+         f"after {final_step} steps ({train_time:.0f} s); checkpoint {ckpt_path}")
+    if ds.modality == "text" and t.sample_bytes:
+        if ema:
+            ema.swap(model)
+        n = min(t.sample_bytes, cfg.model.n_ctx - 1)
+        sample = generate_naive(model, 1, n, prompt=b"\n", seed=t.seed)[0, 1:].tolist()
+        if ema:
+            ema.swap(model)
+        text = bytes(sample).decode("utf-8", errors="replace")
+        summary["sample"] = text
+        echo("sample:\n" + text)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log.close()
+    return summary
