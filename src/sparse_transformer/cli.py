@@ -53,6 +53,27 @@ def _add_bench(sub) -> None:
     att.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults")
     att.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH", help="write the results as JSON to PATH (stdout without PATH)")
 
+    tr = bsub.add_parser(
+        "train",
+        help="time and peak memory of one training step, dense vs strided vs fixed",
+        description="Times forward+backward+AdamW on random bytes for the same model with each attention "
+        "pattern, each in a fresh process, and reports speedups over dense and peak memory.",
+    )
+    tr.add_argument("--n-ctx", type=int, default=8192, help="context length (default 8192)")
+    tr.add_argument("--layers", type=_positive_ints, default=[8], help="comma list of depths (default 8), e.g. 8,64 with --recompute")
+    tr.add_argument("--d-model", type=int, default=256)
+    tr.add_argument("--heads", type=int, default=4)
+    tr.add_argument("--batch", type=int, default=1)
+    tr.add_argument("--patterns", default="dense,strided,fixed", help="comma list of dense, local, strided, fixed")
+    tr.add_argument("--stride", type=int, default=None, help="stride (default: power of two nearest sqrt(n_ctx))")
+    tr.add_argument("-c", type=int, default=16, help="summary width of fixed (default 16)")
+    tr.add_argument("--recompute", action="store_true", help="gradient checkpointing of every block")
+    tr.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
+    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    tr.add_argument("--repeat", type=int, default=3)
+    tr.add_argument("--no-malloc-tuning", action="store_true")
+    tr.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
+
 
 def _add_train(sub) -> None:
     from .train.config import presets
@@ -199,6 +220,26 @@ def _cmd_bench(args, extra) -> int:
         )
         if args.json != "-":
             print(ba.report(result))
+        if args.json:
+            write_json(result, args.json)
+        return 0
+    if args.bench == "train":
+        from .bench import train as bt
+        from .bench.common import write_json
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pats = [p.strip() for p in args.patterns.split(",")]
+        bad = [p for p in pats if p not in ("dense", "local", "strided", "fixed")]
+        if bad:
+            raise UsageError(f"--patterns: unknown {', '.join(bad)}; allowed: dense, local, strided, fixed")
+        result = bt.run(
+            n_ctx=args.n_ctx, layers=args.layers, d_model=args.d_model, n_head=args.heads, batch=args.batch,
+            patterns=pats, stride=args.stride, c=args.c, recompute=args.recompute, precision=args.precision,
+            device=device, repeat=args.repeat, malloc_tuning=not args.no_malloc_tuning,
+            progress=lambda m: print(m, file=sys.stderr),
+        )
+        if args.json != "-":
+            print(bt.report(result))
         if args.json:
             write_json(result, args.json)
         return 0

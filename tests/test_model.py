@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+from sparse_transformer import patterns as P
+from sparse_transformer.model import ModelConfig, SparseTransformer
+from sparse_transformer.train.config import build_config
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(n_ctx=64, d_model=32, n_layer=2, n_head=4, stride=8, c=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("preset,paper", [("enwik8", 95e6), ("cifar10", 59e6), ("imagenet64", 152e6)])
+def test_paper_parameter_counts(preset, paper):
+    cfg = build_config(preset, None, [])
+    with torch.device("meta"):
+        n = SparseTransformer(cfg.model).num_params()
+    assert abs(n - paper) / paper < 0.03, n
+
+
+def test_initialisation_section_6():
+    cfg = small(n_layer=8, d_model=256, n_ctx=128)
+    torch.manual_seed(0)
+    m = SparseTransformer(cfg)
+    fc = m.blocks[0].ff.fc.weight
+    assert fc.std().item() == pytest.approx(math.sqrt(0.125 / 256), rel=0.05)
+    proj = m.blocks[0].attn.proj.weight
+    assert proj.std().item() == pytest.approx(math.sqrt(0.125 / 256) / math.sqrt(16), rel=0.05)
+    w2 = m.blocks[0].ff.proj.weight
+    assert w2.std().item() == pytest.approx(math.sqrt(0.125 / 1024) / math.sqrt(16), rel=0.05)
+    assert torch.count_nonzero(m.head.weight) == 0 and torch.count_nonzero(m.head.bias) == 0
+    assert all(torch.count_nonzero(mod.bias) == 0 for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    assert m.tok.weight.std().item() == pytest.approx(0.125 / 16, rel=0.05)
+    assert m.pos.tables[1].std().item() == pytest.approx(0.125 / 16 / math.sqrt(2), rel=0.1)
+    x = torch.randint(0, 256, (2, 128))
+    assert m.loss(x).item() == pytest.approx(math.log(256), abs=1e-5)  # zero logits
+
+
+def test_position_coordinates():
+    m = SparseTransformer(small(data_shape=[4, 4, 3], n_ctx=48))
+    assert m.pos.coords[:, 17].tolist() == [1, 1, 2]  # 17 = (1 * 4 + 1) * 3 + 2
+    m = SparseTransformer(small(n_ctx=64, stride=8))
+    assert [t.shape[0] for t in m.pos.tables] == [8, 8]
+    assert m.pos.coords[:, 19].tolist() == [2, 3]
+
+
+def test_combine_modes():
+    cfg = small(pattern="strided", combine="interleaved")
+    assert cfg.layer_patterns(0) == P.Local(8) and cfg.layer_patterns(1) == P.StridedColumns(8)
+    cfg = small(pattern="fixed", combine="multihead", distinct_heads=True)
+    assert cfg.layer_patterns(0) == [P.FixedBlock(8)] * 2 + [P.FixedSummary(8, 2, True)] * 2
+    assert small(pattern="fixed").layer_patterns(3) == P.Fixed(8, 2)
+
+
+@pytest.mark.parametrize("pattern", ["dense", "local", "strided", "fixed"])
+@pytest.mark.parametrize("combine", ["merged", "interleaved", "multihead"])
+def test_model_is_causal(pattern, combine):
+    torch.manual_seed(0)
+    m = SparseTransformer(small(pattern=pattern, combine=combine, n_ctx=50))
+    torch.nn.init.normal_(m.head.weight)  # make logits depend on the input
+    x = torch.randint(0, 256, (1, 50))
+    base = m(x)
+    for t in (0, 9, 31):
+        y = x.clone()
+        y[:, t:] = torch.randint(0, 256, (1, 50 - t))
+        assert torch.allclose(m(y)[:, : t + 1], base[:, : t + 1], atol=1e-6)
+
+
+def test_half_size_qk_matches_reference_attention(monkeypatch):
+    torch.manual_seed(0)
+    m = SparseTransformer(small(qk_ratio=0.5, ff_mult=2.0))
+    torch.nn.init.normal_(m.head.weight)
+    x = torch.randint(0, 256, (2, 64))
+    fast = m(x)
+    import sparse_transformer.model.model as mm
+
+    original = mm.attention
+    ref = lambda q, k, v, p, scale=None: original(q, k, v, p, scale=scale, backend="reference")  # noqa: E731
+    monkeypatch.setattr(mm, "attention", ref)
+    assert torch.allclose(m(x), fast, atol=1e-5)
+
+
+def test_recompute_same_loss_and_grads_with_dropout():
+    cfg = small(dropout=0.3)
+    torch.manual_seed(0)
+    m = SparseTransformer(cfg)
+    x = torch.randint(0, 256, (2, 64))
+    grads = []
+    for recompute in (False, True):
+        m.cfg.recompute = recompute
+        m.zero_grad()
+        torch.manual_seed(5)
+        loss = m.loss(x)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in m.parameters()]))
+    assert grads[0][0] == grads[1][0]
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="model.pattern must be one of"):
+        SparseTransformer(small(pattern="sparse"))
+    with pytest.raises(ValueError, match="multiple of model.n_head"):
+        SparseTransformer(small(d_model=30))
+    with pytest.raises(ValueError, match="exceeds model.n_ctx"):
+        SparseTransformer(small())(torch.zeros(1, 65, dtype=torch.long))

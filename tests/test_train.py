@@ -1,0 +1,144 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparse_transformer.cli import main
+from sparse_transformer.train.config import build_config
+from sparse_transformer.train.loop import train
+
+TINY = [
+    ("model.n_ctx", "64"), ("model.d_model", "32"), ("model.n_layer", "2"), ("model.n_head", "2"),
+    ("model.stride", "8"), ("model.dropout", "0.1"), ("train.batch_size", "4"), ("train.warmup", "2"),
+    ("train.eval_max_bytes", "2000"), ("train.sample_bytes", "16"), ("train.log_every", "1"),
+]
+
+
+def tiny(tmp_path, *extra, steps=6):
+    return build_config(None, None, TINY + [("train.steps", str(steps)), ("train.out_dir", str(tmp_path))] + list(extra))
+
+
+def losses(run_dir):
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_train_writes_everything(tmp_path):
+    summary = train(tiny(tmp_path), show_progress=False, echo=lambda *_: None)
+    for name in ("ckpt.pt", "metrics.jsonl", "model.safetensors", "config.json", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and set(ckpt) >= {"model", "optimizer", "rng", "config", "scaler", "ema", "data_position"}
+    assert 0 < summary["val_bits_per_dim"] < 9
+    assert len(summary["sample"]) > 0
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(weights["head.weight"], ckpt["model"]["head.weight"])
+
+
+def test_resume_gives_identical_losses(tmp_path):
+    full = tmp_path / "full"
+    train(tiny(full, ("train.ckpt_every", "3")), show_progress=False, echo=lambda *_: None)
+    # A run killed right after writing its step-3 checkpoint, then resumed.
+    first = tmp_path / "first"
+    c = tiny(first, ("train.ckpt_every", "3"))
+    c.train.steps = 6
+    import sparse_transformer.train.loop as loop
+
+    class Stop(Exception):
+        pass
+
+    real = loop.atomic_torch_save
+
+    def save_then_die(obj, path):
+        real(obj, path)
+        if obj["step"] == 3:
+            raise Stop
+
+    loop.atomic_torch_save = save_then_die
+    try:
+        with pytest.raises(Stop):
+            train(c, show_progress=False, echo=lambda *_: None)
+    finally:
+        loop.atomic_torch_save = real
+    assert torch.load(first / "ckpt.pt", weights_only=True)["step"] == 3
+    train(c, resume=True, show_progress=False, echo=lambda *_: None)
+    a, b = losses(full), losses(first)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert all(a[s] == b[s] for s in a), (a, b)
+
+
+def test_existing_checkpoint_is_not_overwritten(tmp_path):
+    train(tiny(tmp_path), show_progress=False, echo=lambda *_: None)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match="already exists; pass --resume"):
+        train(tiny(tmp_path), show_progress=False, echo=lambda *_: None)
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_bfloat16_and_ema_and_recompute(tmp_path):
+    cfg = tiny(tmp_path, ("train.precision", "bfloat16"), ("train.ema", "0.9"), ("model.recompute", "true"), steps=3)
+    summary = train(cfg, show_progress=False, echo=lambda *_: None)
+    assert summary["val_bits_per_dim"] < 9
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sparse_transformer", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_train_and_eval(tmp_path):
+    args = [f"--{k}={v}" for k, v in TINY] + ["--train.steps=2", f"--train.out_dir={tmp_path}", "--no-progress"]
+    r = run_cli("train", *args)
+    assert r.returncode == 0, r.stderr
+    assert "validation:" in r.stdout
+    r = run_cli("eval", str(tmp_path), "--max-bytes", "1000")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "eval-val.json").read_text())
+    assert res["bytes"] == 1000 and res["bits_per_dim"] > 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--model.n_layers", "8"], "unknown setting 'model.n_layers'; allowed: model.n_ctx"),
+        (["train", "--model.n_layer", "eight"], "model.n_layer expects int, got 'eight'"),
+        (["train", "--model.pattern", "sparse"], "model.pattern must be one of"),
+        (["train", "--preset", "nope"], "unknown preset 'nope'"),
+        (["train", "--data.name", "/nonexistent/file.txt", "--train.out_dir", "OUT"], "run `sparse-transformer data prepare"),
+        (["eval", "/nonexistent/ckpt.pt"], "checkpoint not found"),
+        (["bench", "attention", "--cases", "strided:x"], "bad case"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    args = [a.replace("OUT", str(tmp_path / "o")) for a in args]
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_checkpoint(tmp_path):
+    train(tiny(tmp_path), show_progress=False, echo=lambda *_: None)
+    data = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    r = run_cli("eval", str(tmp_path))
+    assert r.returncode == 2 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", "--resume", f"--train.out_dir={tmp_path}", "--no-progress")
+    assert r.returncode == 2 and "corrupt or truncated" in r.stderr
+    assert (tmp_path / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # untouched
+
+
+def test_toml_config(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[model]\nn_layer = 3\n[train]\nlr = 0.01\n')
+    cfg = build_config(None, str(f), [("model.d_model", "64")])
+    assert cfg.model.n_layer == 3 and cfg.train.lr == 0.01 and cfg.model.d_model == 64
+    f.write_text('[model]\nn_layer = "3"\n')
+    with pytest.raises(ValueError, match="model.n_layer expects int"):
+        build_config(None, str(f), [])
+    f.write_text('[optim]\nlr = 1\n')
+    with pytest.raises(ValueError, match="unknown section 'optim'"):
+        build_config(None, str(f), [])
