@@ -1,14 +1,12 @@
 """Split a pattern into disjoint dense sub-problems on rearranged views (section 5.5).
 
-Everything here works on the padded canonical layout x [B, Np, H, X] (the
-layout a model's projections produce), where Np is a multiple of the
-pattern's block length and X is the head width (or 1 for a log-sum-exp). A
-``SubProblem`` gathers its queries and keys as 4-D views [G0, G1, L, X] /
-[G0, G1, S, X] for a fused kernel (copies only for the compact summary keys
-of the fixed pattern) and scatters results back by adding into the same
-views. The sub-problems of a group cover disjoint query rows; the groups of a
-pattern cover disjoint (query, key) pairs whose union is exactly the pattern,
-so merging the groups through their log-sum-exps is exact.
+Everything here works on the padded canonical layout x [B*H, Np, X], where Np
+is a multiple of the pattern's block length and X is the head width (or 1 for
+a log-sum-exp). A ``SubProblem`` says how to gather its queries and keys into
+a [B*H, G, L, X] / [B*H, G, S, X] batch for a fused kernel, and how to scatter
+results back. The sub-problems of a ``Group`` cover disjoint query rows; the
+groups of a pattern cover disjoint (query, key) pairs whose union is exactly
+the pattern, so merging the groups through their log-sum-exps is exact.
 
   Local(w)        = diagonal blocks (causal) + previous block (upper triangle,
                     with a mask)
@@ -37,38 +35,28 @@ from ..patterns import (
 
 
 def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:
-    B, N, H, X = x.shape
-    return x.view(B, N // b, b, H, X)  # (B, blocks, b, H, X)
+    BH, N, X = x.shape
+    return x.view(BH, N // b, b, X)  # (BH, blocks, b, X)
 
 
-def _heads_first(t: torch.Tensor) -> torch.Tensor:
-    """(G, L, H, X) -> (G, H, L, X), a view."""
-    return t.permute(0, 2, 1, 3)
-
-
-def _mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Additive float mask (0 where keep, -inf elsewhere) in like's dtype."""
-    return torch.zeros(keep.shape, dtype=like.dtype, device=like.device).masked_fill_(~keep, float("-inf"))
+def _upper_mask(n: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive [n, n] mask that keeps column >= row."""
+    keep = torch.ones(n, n, dtype=torch.bool, device=like.device).triu()
+    return torch.zeros(n, n, dtype=like.dtype, device=like.device).masked_fill_(~keep, float("-inf"))
 
 
 @dataclass
 class SubProblem:
-    """One fused-kernel call on views of the canonical layout x [B, Np, H, X].
+    """One fused-kernel call on views of the canonical layout x [B*H, Np, X].
 
-    ``q_in``/``kv_in`` return [G0, G1, L, X] / [G0, G1, S, X]; ``q_out``/``kv_out``
-    add a result in that layout back into a canonical buffer. ``invalid_rows``
-    marks query rows that the kernel computes but that must not count: they
-    get output 0 and lse -inf in the forward, and lse +inf (zero weights) in
-    the backward.
+    ``q_in``/``kv_in`` return [B*H, G, L, X] / [B*H, G, S, X] (views where the
+    layout allows, so nothing is copied); ``q_out``/``kv_out`` add a result in
+    that layout back into a canonical buffer.
     """
 
     causal: bool = False
 
     def mask(self, like: torch.Tensor) -> torch.Tensor | None:
-        return None
-
-    def invalid_rows(self, x: torch.Tensor) -> torch.Tensor | None:
-        """For canonical x: a bool [G0, G1, L] of query rows to discard, or None."""
         return None
 
     def q_in(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +85,7 @@ class Whole(SubProblem):
     causal: bool = True
 
     def q_in(self, x):
-        return _heads_first(x)  # (B, H, Np, X)
+        return x[:, None]
 
     kv_in = q_in
 
@@ -110,8 +98,7 @@ class BlockDiagonal(SubProblem):
     causal: bool = True
 
     def q_in(self, x):
-        B, N, H, X = x.shape
-        return _heads_first(x.view(B * (N // self.b), self.b, H, X))  # (B*blocks, H, b, X)
+        return _blocks(x, self.b)
 
     kv_in = q_in
 
@@ -122,34 +109,19 @@ class PreviousBlock(SubProblem):
 
     The last query offset has no such key and key offset 0 serves no query, so
     queries are offsets 0..b-2 and keys offsets 1..b-1, with the mask
-    column >= row. The blocks of all batch elements are taken as one flat
-    list; the first block of each element would pair with the last block of
-    the element before it, so those query rows are marked invalid.
+    column >= row.
     """
 
     b: int = 2
 
     def mask(self, like):
-        n = self.b - 1
-        return _mask(torch.ones(n, n, dtype=torch.bool, device=like.device).triu(), like)
-
-    def _flat(self, x):
-        B, N, H, X = x.shape
-        return x.view(B * (N // self.b), self.b, H, X)
+        return _upper_mask(self.b - 1, like)
 
     def q_in(self, x):
-        return _heads_first(self._flat(x)[1:, : self.b - 1])  # (B*blocks-1, H, b-1, X)
+        return _blocks(x, self.b)[:, 1:, : self.b - 1]
 
     def kv_in(self, x):
-        return _heads_first(self._flat(x)[:-1, 1:])
-
-    def invalid_rows(self, x):
-        B, N, H, X = x.shape
-        if B == 1:
-            return None
-        nb = N // self.b
-        bad = (torch.arange(1, B * nb, device=x.device) % nb) == 0  # query block g is flat block g + 1
-        return bad[:, None, None].expand(B * nb - 1, H, self.b - 1)
+        return _blocks(x, self.b)[:, :-1, 1:]
 
 
 @dataclass
@@ -165,21 +137,14 @@ class Columns(SubProblem):
     causal: bool = True
 
     def _t(self, x):
-        B, N, H, X = x.shape
-        t = x.view(B, N // self.l, self.l, H, X).permute(0, 2, 3, 1, 4)  # (B, l, H, Np/l, X)
-        return t.reshape(B, self.l * H, N // self.l, X)  # a view: l and H merge
+        BH, N, X = x.shape
+        return x.view(BH, N // self.l, self.l, X).transpose(1, 2)  # (BH, l, Np/l, X)
 
     def q_in(self, x):
         return self._t(x)[:, :, 1:] if self.strict else self._t(x)
 
     def kv_in(self, x):
         return self._t(x)[:, :, :-1] if self.strict else self._t(x)
-
-
-def _summary_keys(x, l, c, s0, upto):
-    """The summary columns of blocks [0, upto): (B, upto*c, H, X), a copy."""
-    B, N, H, X = x.shape
-    return _blocks(x, l)[:, :upto, s0 : s0 + c].reshape(B, upto * c, H, X)
 
 
 @dataclass
@@ -193,15 +158,13 @@ class SummaryPrefix(SubProblem):
     b1: int = 2
 
     def q_in(self, x):
-        return _heads_first(x[:, self.b0 * self.l : self.b1 * self.l])  # (B, H, L, X)
+        return x[:, None, self.b0 * self.l : self.b1 * self.l]
 
     def kv_in(self, x):
-        return _heads_first(_summary_keys(x, self.l, self.c, self.s0, self.b0))
+        return _blocks(x, self.l)[:, : self.b0, self.s0 : self.s0 + self.c].reshape(x.shape[0], 1, -1, x.shape[-1])
 
     def kv_out(self, y, buf):
-        B, N, H, X = buf.shape
-        view = _blocks(buf, self.l)[:, : self.b0, self.s0 : self.s0 + self.c]  # (B, b0, c, H, X)
-        view += y.view(B, H, self.b0, self.c, X).permute(0, 2, 3, 1, 4)
+        _blocks(buf, self.l)[:, : self.b0, self.s0 : self.s0 + self.c] += y.reshape(buf.shape[0], self.b0, self.c, -1)
 
 
 @dataclass
@@ -224,32 +187,28 @@ class SummaryInChunk(SubProblem):
     def mask(self, like):
         qb = torch.arange((self.g - 1) * self.l, device=like.device) // self.l
         kb = torch.arange((self.g - 1) * self.c, device=like.device) // self.c
-        return _mask(kb[None, :] <= qb[:, None], like)
+        m = torch.zeros(qb.numel(), kb.numel(), dtype=like.dtype, device=like.device)
+        return m.masked_fill_(kb[None, :] > qb[:, None], float("-inf"))
 
     def _chunks(self, x):
-        B, N, H, X = x.shape
+        BH, N, X = x.shape
         blk = _blocks(x, self.l)[:, self.start : self.start + self.count * self.g]
-        return blk.reshape(B, self.count, self.g, self.l, H, X)  # a view
+        return blk.reshape(BH, self.count, self.g, self.l, X)  # a view
 
     def q_in(self, x):
-        B, N, H, X = x.shape
-        q = self._chunks(x)[:, :, 1:].reshape(B * self.count, (self.g - 1) * self.l, H, X)  # a copy for B > 1
-        return _heads_first(q)
+        BH, N, X = x.shape
+        return self._chunks(x)[:, :, 1:].reshape(BH, self.count, (self.g - 1) * self.l, X)
 
-    def q_out(self, y, buf):
-        B, N, H, X = buf.shape
-        view = self._chunks(buf)[:, :, 1:]  # (B, count, g-1, l, H, X)
-        view += y.view(B, self.count, H, self.g - 1, self.l, X).permute(0, 1, 3, 4, 2, 5)
+    def _kv(self, x):
+        return self._chunks(x)[:, :, :-1, self.s0 : self.s0 + self.c]  # (BH, count, g-1, c, X)
 
     def kv_in(self, x):
-        B, N, H, X = x.shape
-        k = self._chunks(x)[:, :, :-1, self.s0 : self.s0 + self.c].reshape(B * self.count, (self.g - 1) * self.c, H, X)
-        return _heads_first(k)
+        BH, N, X = x.shape
+        return self._kv(x).reshape(BH, self.count, -1, X)
 
     def kv_out(self, y, buf):
-        B, N, H, X = buf.shape
-        view = self._chunks(buf)[:, :, :-1, self.s0 : self.s0 + self.c]  # (B, count, g-1, c, H, X)
-        view += y.view(B, self.count, H, self.g - 1, self.c, X).permute(0, 1, 3, 4, 2, 5)
+        t = self._kv(buf)
+        t += y.reshape(t.shape)
 
 
 @dataclass
@@ -264,15 +223,11 @@ class SummaryOwnBlock(SubProblem):
     s0: int = 0
     causal: bool = True
 
-    def _flat(self, x):
-        B, N, H, X = x.shape
-        return x.view(B * (N // self.l), self.l, H, X)
-
     def q_in(self, x):
-        return _heads_first(self._flat(x)[:, self.s0 :])
+        return _blocks(x, self.l)[:, :, self.s0 :]
 
     def kv_in(self, x):
-        return _heads_first(self._flat(x)[:, self.s0 : self.s0 + self.c])
+        return _blocks(x, self.l)[:, :, self.s0 : self.s0 + self.c]
 
 
 @dataclass
