@@ -62,8 +62,18 @@ class CUDAEfficient(Kernel):
     name = "cuda"
     _ALIGN = 32
 
+    @staticmethod
+    def _bias(mask, q):
+        """The additive mask as a bias [G0, G1, L, S] whose rows start 16-element aligned."""
+        if mask is None:
+            return None
+        L, S = mask.shape
+        padded = mask.new_zeros(L, -(-S // 16) * 16)
+        padded[:, :S] = mask
+        return padded[:, :S].expand(q.shape[0], q.shape[1], L, S)
+
     def forward(self, q, k, v, causal, mask, scale):
-        bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], -1, -1)
+        bias = self._bias(mask, q)
         o, lse, _, _ = _aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, causal, scale=scale
         )
@@ -74,7 +84,7 @@ class CUDAEfficient(Kernel):
         padded = -(-L // self._ALIGN) * self._ALIGN
         lse_p = lse.new_zeros(lse.shape[:-1] + (padded,))
         lse_p[..., :L] = lse
-        bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], -1, -1)
+        bias = self._bias(mask, q)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
             do, q, k, v, bias, o, lse_p, seed, seed, 0.0, [True, True, True, False], causal, scale=scale
