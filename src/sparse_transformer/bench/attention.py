@@ -8,9 +8,7 @@ Each is timed forward and forward+backward, and its peak memory measured in
 a fresh process (CPU: resident memory above the inputs; CUDA: allocated
 memory above the inputs). FLOP rates count only the pattern's allowed pairs
 (4 * D flops per pair forward; the backward counted as 2.5 forwards) and are
-compared with a matrix product timed in the same run. Inputs are laid out as
-a model's projections produce them ([B, N, H, D] memory viewed as [B, H, N, D]),
-for the dense baseline and the sparse cases alike.
+compared with a matrix product timed in the same run.
 """
 from __future__ import annotations
 
@@ -79,8 +77,7 @@ def measure(case: dict) -> dict:
     B, H, N, D = case["B"], case["H"], case["N"], case["D"]
     pattern = case["pattern"]
     g = torch.Generator(device=device).manual_seed(0)
-    # q, k, v as a model's projections produce them: [B, N, H, D] memory seen as [B, H, N, D].
-    q, k, v, do = (torch.randn(B, N, H, D, device=device, dtype=dtype, generator=g).transpose(1, 2) for _ in range(4))
+    q, k, v, do = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_(True)
 
