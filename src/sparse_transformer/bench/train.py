@@ -2,7 +2,10 @@
 
 One step = forward + backward + AdamW update on a batch of random bytes, for
 the same model with dense, strided and fixed attention. Each case runs in a
-fresh process on the CPU so that its peak resident memory is its own.
+fresh process on the CPU. Memory is measured in another fresh process whose
+malloc returns freed memory at once (``sysutil.precise_malloc``), so peak
+resident memory follows live tensors; it is counted from before the model is
+built.
 """
 from __future__ import annotations
 
@@ -13,15 +16,28 @@ import time
 import torch
 
 from ..model import ModelConfig, SparseTransformer
-from ..sysutil import current_rss_bytes, peak_rss_bytes, reset_peak_rss, tune_malloc
+from ..sysutil import current_rss_bytes, peak_rss_bytes, precise_malloc, reset_peak_rss, tune_malloc
 from .common import machine_info, sync, table
 
 
 def measure(case: dict) -> dict:
-    if case["malloc_tuning"]:
+    if case.get("memory"):
+        precise_malloc()
+    elif case["malloc_tuning"]:
         tune_malloc()
     torch.set_num_threads(case["threads"])
     device = torch.device(case["device"])
+    # Memory is counted from before the model exists: weights, gradients, AdamW
+    # state and activations. "activations" subtracts 16 bytes per parameter
+    # (float32 weight, gradient and two moments).
+    torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool first
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        reset_peak_rss()
+        base = current_rss_bytes()
     torch.manual_seed(0)
     cfg = ModelConfig(**case["model"])
     model = SparseTransformer(cfg).to(device)
@@ -37,13 +53,6 @@ def measure(case: dict) -> dict:
         opt.zero_grad(set_to_none=True)
 
     step()  # warm up, and create the optimizer state
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset_peak_rss()
-        base = current_rss_bytes()
     times = []
     for _ in range(case["repeat"]):
         sync(device)
@@ -53,7 +62,9 @@ def measure(case: dict) -> dict:
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - base
     times.sort()
-    return {"step_s": times[len(times) // 2], "peak_step_mb": peak / 2**20, "parameters": model.num_params()}
+    n = model.num_params()
+    step_s = times[len(times) // 2] if times else None
+    return {"step_s": step_s, "peak_mb": peak / 2**20, "activations_mb": (peak - 16 * n) / 2**20, "parameters": n}
 
 
 def _run(case: dict) -> dict:
@@ -79,13 +90,16 @@ def run(
             case = {"model": model, "batch": batch, "precision": precision, "device": device, "repeat": repeat,
                     "threads": torch.get_num_threads(), "malloc_tuning": malloc_tuning}
             row = {"n_layer": n_layer, "pattern": pattern, "stride": stride, "recompute": recompute, **_run(case)}
+            if device == "cpu":  # memory from a separate process where RSS follows live memory
+                mem = _run({**case, "memory": True, "repeat": 0})
+                row.update(peak_mb=mem["peak_mb"], activations_mb=mem["activations_mb"])
             row["tokens_per_s"] = batch * n_ctx / row["step_s"]
             if pattern == "dense":
                 dense = row
             elif dense is not None:
                 row["speedup"] = dense["step_s"] / row["step_s"]
             rows.append(row)
-            progress(f"{n_layer} layers, {pattern}: {row['step_s']:.3f} s/step, peak {row['peak_step_mb']:.0f} MB")
+            progress(f"{n_layer} layers, {pattern}: {row['step_s']:.3f} s/step, peak {row['peak_mb']:.0f} MB")
     return {
         "benchmark": "train",
         "config": {"n_ctx": n_ctx, "d_model": d_model, "n_head": n_head, "batch": batch, "c": c,
@@ -97,7 +111,7 @@ def run(
 
 COLUMNS = [("n_layer", "layers"), ("pattern", "pattern"), ("stride", "stride"), ("recompute", "recompute"),
            ("parameters", "params"), ("step_s", "s/step"), ("tokens_per_s", "tokens/s"), ("speedup", "speedup"),
-           ("peak_step_mb", "peak MB")]
+           ("peak_mb", "peak MB"), ("activations_mb", "activations MB")]
 
 
 def report(result: dict) -> str:
