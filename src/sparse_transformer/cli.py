@@ -197,6 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bench_device(name: str | None) -> str:
+    import torch
+
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UsageError(f"--device must be cpu or cuda (with a CUDA device available), got {device!r}")
+    return device
+
+
+def _emit(result: dict, report, json_path: str | None) -> int:
+    """Print the table (unless JSON goes to stdout) and write the JSON."""
+    from .bench.common import write_json
+
+    if json_path != "-":
+        print(report(result))
+    if json_path:
+        write_json(result, json_path)
+    return 0
+
+
 def _cmd_bench(args, extra) -> int:
     if extra:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
@@ -204,11 +224,8 @@ def _cmd_bench(args, extra) -> int:
 
     if args.bench == "attention":
         from .bench import attention as ba
-        from .bench.common import write_json
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-            raise UsageError(f"--device must be cpu or cuda (with a CUDA device available), got {device!r}")
+        device = _bench_device(args.device)
         for name in ("batch", "heads", "dim"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name} must be >= 1")
@@ -218,16 +235,11 @@ def _cmd_bench(args, extra) -> int:
             malloc_tuning=not args.no_malloc_tuning,
             progress=lambda m: print(m, file=sys.stderr),
         )
-        if args.json != "-":
-            print(ba.report(result))
-        if args.json:
-            write_json(result, args.json)
-        return 0
+        return _emit(result, ba.report, args.json)
     if args.bench == "train":
         from .bench import train as bt
-        from .bench.common import write_json
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = _bench_device(args.device)
         pats = [p.strip() for p in args.patterns.split(",")]
         bad = [p for p in pats if p not in ("dense", "local", "strided", "fixed")]
         if bad:
@@ -238,11 +250,7 @@ def _cmd_bench(args, extra) -> int:
             device=device, repeat=args.repeat, malloc_tuning=not args.no_malloc_tuning,
             progress=lambda m: print(m, file=sys.stderr),
         )
-        if args.json != "-":
-            print(bt.report(result))
-        if args.json:
-            write_json(result, args.json)
-        return 0
+        return _emit(result, bt.report, args.json)
     raise UsageError(f"unknown benchmark {args.bench!r}")
 
 

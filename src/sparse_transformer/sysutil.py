@@ -1,6 +1,7 @@
 """Small process-level helpers shared by the command-line tools."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -82,11 +83,13 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+@contextlib.contextmanager
+def atomic_open(path):
+    """Open ``path`` for binary writing so that a crash leaves the old file or the new one.
 
-    Writes a temporary file in the same folder, fsyncs it, renames it over the
-    target and fsyncs the folder.
+    Yields a temporary file in the same folder; on success it is flushed,
+    fsynced and renamed over ``path``, and the folder is fsynced. On an error
+    the temporary file is removed and ``path`` is untouched.
     """
     import tempfile
     from pathlib import Path
@@ -96,7 +99,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -114,6 +117,11 @@ def atomic_write_bytes(path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path, text: str) -> None:
