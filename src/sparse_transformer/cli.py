@@ -177,12 +177,40 @@ def _cmd_eval(args, extra) -> int:
     model = SparseTransformer(cfg.model).to(device)
     state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
     model.load_state_dict(state)
-    ds = load_dataset(cfg.data.name, cfg.data.train_fraction)
+    ds = load_dataset(cfg.data.name, cfg.data.train_fraction, cfg.data.dir)
     res = evaluate(model, ds.split(args.split), batch_size=args.batch_size, precision=cfg.train.precision, max_bytes=args.max_bytes)
     res.update({"checkpoint": str(path), "split": args.split, "step": ckpt["step"], "dataset": ds.name, "ema": bool(ckpt.get("ema"))})
     if args.json != "-":
         print(f"{ds.name} {args.split}: {res['bits_per_dim']:.4f} bits per dim over {res['bytes']:,} bytes (step {ckpt['step']})")
     write_json(res, args.json or str(path.parent / f"eval-{args.split}.json"))
+    return 0
+
+
+def _add_data(sub) -> None:
+    data = sub.add_parser("data", help="prepare datasets as uint8 .bin files + meta.json")
+    dsub = data.add_subparsers(dest="data", required=True, parser_class=_Parser)
+    prep = dsub.add_parser(
+        "prepare",
+        help="prepare a dataset from a local copy",
+        description="Prepare a dataset into DATA_DIR/NAME (train.bin, val.bin[, test.bin], meta.json). "
+        "Available: shakespeare (--from input.txt, checksum verified; 90/10 split), text (--from a file "
+        "or folder; 90/10 split), fashion-mnist (--from the folder of the four idx .gz files, checksums "
+        "verified; 58,000 train / 2,000 validation / 10,000 test images of 28x28x1). An existing "
+        "prepared dataset is never overwritten.",
+    )
+    prep.add_argument("name", help="shakespeare, text or fashion-mnist")
+    prep.add_argument("--from", dest="source", default=None, metavar="PATH", help="the local copy to import")
+    prep.add_argument("--dir", dest="data_dir", default="data", help="where prepared datasets live (default data/)")
+
+
+def _cmd_data(args, extra) -> int:
+    from .data.prepare import prepare
+
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+    meta = prepare(args.name, args.source, args.data_dir)
+    sizes = ", ".join(f"{k} {v:,}" for k, v in meta["splits"].items())
+    print(f"prepared {args.name} in {args.data_dir}/{args.name}: {sizes} bytes")
     return 0
 
 
@@ -193,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
+    _add_data(sub)
     _add_bench(sub)
     return parser
 
@@ -254,7 +283,7 @@ def _cmd_bench(args, extra) -> int:
     raise UsageError(f"unknown benchmark {args.bench!r}")
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "bench": _cmd_bench}
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,12 +48,14 @@ class DataConfig:
 
     default: documentation text shipped inside Python's standard library
              (pydoc_data), available offline on every machine.
-    A path: a text/bytes file (first ``train_fraction`` for training, the rest
-    for validation), or a folder written by ``sparse-transformer data prepare``.
+    A name prepared under ``dir`` by ``sparse-transformer data prepare``, or a
+    path: a text/bytes file (first ``train_fraction`` for training, the rest
+    for validation), or a prepared folder.
     """
 
     name: str = "default"
     train_fraction: float = 0.9
+    dir: str = "data"  # where `sparse-transformer data prepare` puts datasets
 
 
 @dataclass

@@ -98,7 +98,7 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
     elif ckpt_path.exists():
         raise ValueError(f"{ckpt_path} already exists; pass --resume to continue it or choose another --train.out_dir")
 
-    ds = load_dataset(cfg.data.name, cfg.data.train_fraction)
+    ds = load_dataset(cfg.data.name, cfg.data.train_fraction, cfg.data.dir)
     train_data, val_data = ds.split("train"), ds.split("val")
     whole = math.prod(ds.shape) if ds.modality == "image" and ds.shape else 0
 
