@@ -55,8 +55,8 @@ def parse_cases(spec: str, n: int) -> list[tuple[str, P.Pattern | None]]:
     return cases
 
 
-def _timed(fn, device, long_s: float = 2.0) -> float:
-    """Median of 3 runs after a warmup; a single run after the warmup if one run takes > long_s."""
+def _timed(fn, device) -> float:
+    """Median after a warmup run: of 5 runs when one takes < 2 s, of 3 when < 10 s, else 1."""
     sync(device)
     import time
 
@@ -64,7 +64,7 @@ def _timed(fn, device, long_s: float = 2.0) -> float:
     fn()
     sync(device)
     first = time.perf_counter() - t
-    return time_it(fn, device, repeat=1 if first > long_s else 3, warmup=0)
+    return time_it(fn, device, repeat=5 if first < 2 else 3 if first < 10 else 1, warmup=0)
 
 
 def measure(case: dict) -> dict:
