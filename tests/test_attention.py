@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 import sparse_transformer as sp
 from sparse_transformer import patterns as P
 
+from helpers import every_pattern
+
 BACKENDS = ["auto", "math"]
 
 
@@ -32,19 +34,6 @@ def compare(pattern, B, H, N, D, dtype, backend, tol, seed=0):
         assert rel_err(a, b) <= tol, (name, rel_err(a, b))
 
 
-def patterns_for(stride, c):
-    return [
-        P.Dense(),
-        P.Local(stride),
-        P.Strided(stride),
-        P.StridedColumns(stride),
-        P.Fixed(stride, c),
-        P.Fixed(stride, c, distinct_heads=True),
-        P.FixedBlock(stride),
-        P.FixedSummary(stride, c),
-    ]
-
-
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     B=st.integers(1, 2),
@@ -57,12 +46,12 @@ def patterns_for(stride, c):
 def test_matches_reference_float64(B, H, N, D, stride, data):
     c = data.draw(st.integers(1, stride))
     backend = data.draw(st.sampled_from(BACKENDS))
-    for pattern in patterns_for(stride, c):
+    for pattern in every_pattern(stride, c):
         compare(pattern, B, H, N, D, torch.float64, backend, 1e-5)
 
 
 @pytest.mark.parametrize("N", [1, 17, 64, 200, 301])
-@pytest.mark.parametrize("pattern", patterns_for(16, 4), ids=repr)
+@pytest.mark.parametrize("pattern", every_pattern(16, 4), ids=repr)
 def test_matches_reference_float32(pattern, N):
     compare(pattern, 2, 2, N, 32, torch.float32, "auto", 1e-5)
 
@@ -84,7 +73,7 @@ def test_long_sequence_against_reference():
     compare(P.Fixed(64, 8, distinct_heads=True), 1, 2, 4000, 16, torch.float32, "auto", 1e-5)
 
 
-@pytest.mark.parametrize("pattern", patterns_for(7, 3), ids=repr)
+@pytest.mark.parametrize("pattern", every_pattern(7, 3), ids=repr)
 def test_causal(pattern):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 60, 8, generator=g) for _ in range(3))
@@ -99,7 +88,7 @@ def test_causal(pattern):
 
 @pytest.mark.parametrize("N", [1, 2, 129, 3001])
 def test_finite_everywhere(N):
-    for pattern in patterns_for(32, 8):
+    for pattern in every_pattern(32, 8):
         q, k, v = (torch.randn(1, 2, N, 16, requires_grad=True) for _ in range(3))
         o = sp.attention(q * 30, k * 30, v, pattern)  # large logits
         o.sum().backward()

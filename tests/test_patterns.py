@@ -5,6 +5,8 @@ from hypothesis import strategies as st
 
 from sparse_transformer import patterns as P
 
+from helpers import every_pattern
+
 
 def brute(pattern, n, head=0):
     """The section 4.3 definitions, written as plainly as possible."""
@@ -33,26 +35,12 @@ def brute(pattern, n, head=0):
     return m
 
 
-def all_patterns(stride, c):
-    return [
-        P.Dense(),
-        P.Local(stride),
-        P.Strided(stride),
-        P.StridedColumns(stride),
-        P.Fixed(stride, c),
-        P.Fixed(stride, c, distinct_heads=True),
-        P.FixedBlock(stride),
-        P.FixedSummary(stride, c),
-        P.FixedSummary(stride, c, distinct_heads=True),
-    ]
-
-
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), stride=st.integers(1, 9), data=st.data())
 def test_mask_matches_definition(n, stride, data):
     c = data.draw(st.integers(1, stride))
     head = data.draw(st.integers(0, 5))
-    for p in all_patterns(stride, c):
+    for p in every_pattern(stride, c):
         m = p.mask(n, head=head)
         assert m.dtype == torch.bool and m.shape == (n, n)
         assert torch.equal(m, brute(p, n, head)), p
