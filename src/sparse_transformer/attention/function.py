@@ -35,9 +35,9 @@ def sparse_forward(q, k, v, plan: Plan, kernel: Kernel, scale: float):
     """
     BH, N, D = q.shape
     acc = _acc_dtype(q.dtype)
-    results = []  # (group index, sub-problem, inputs, o, lse)
+    results = []  # (sub-problem, inputs, o, lse)
     group_lse = []
-    for gi, group in enumerate(plan.groups):
+    for group in plan.groups:
         l_g = q.new_zeros(BH, N, dtype=acc)
         covered = q.new_zeros(BH, N, dtype=torch.bool)
         for sp in group:  # the sub-problems of a group cover disjoint rows
@@ -45,19 +45,19 @@ def sparse_forward(q, k, v, plan: Plan, kernel: Kernel, scale: float):
             o, lse = kernel.forward(*inputs, sp.causal, sp.mask(inputs[0]), scale)
             sp.q_out(lse.to(acc)[..., None], l_g[..., None])
             sp.q_out(torch.ones_like(lse, dtype=torch.bool)[..., None], covered[..., None])
-            results.append((gi, sp, inputs, o, lse))
+            results.append((sp, inputs, o, lse))
         group_lse.append(l_g.masked_fill_(~covered, float("-inf")))
 
     lse = torch.logsumexp(torch.stack(group_lse), dim=0) if len(group_lse) > 1 else group_lse[0]
     finite = torch.isfinite(lse)
     safe = torch.where(finite, lse, 0.0)
     out = q.new_zeros(BH, N, D, dtype=acc)
-    for gi, sp, inputs, o, part_lse in results:
+    for sp, inputs, o, part_lse in results:
         w = torch.exp(part_lse.to(acc) - _rows(sp, safe))  # (BH, G, L)
         sp.q_out(o.to(acc) * w[..., None], out)
     # A row with no allowed key has output 0; +inf makes its softmax weights 0 in the backward.
     lse = torch.where(finite, lse, float("inf"))
-    saved = [inputs for _, _, inputs, _, _ in results]
+    saved = [inputs for _, inputs, _, _ in results]
     return out.to(q.dtype), lse, saved
 
 
