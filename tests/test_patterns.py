@@ -100,3 +100,14 @@ def test_density():
 def test_invalid_parameters(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 60), stride=st.integers(1, 9), data=st.data())
+def test_row_keys_match_mask(n, stride, data):
+    c = data.draw(st.integers(1, stride))
+    head = data.draw(st.integers(0, 4))
+    for p in every_pattern(stride, c):
+        m = p.mask(n, head)
+        for i in range(n):
+            assert p.row_keys(i, head).tolist() == m[i].nonzero().flatten().tolist(), (p, i)

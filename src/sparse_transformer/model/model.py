@@ -41,6 +41,13 @@ class PositionEmbedding(nn.Module):
             out = out + table[idx]
         return out  # (n, d_model)
 
+    def at(self, t: int) -> torch.Tensor:
+        """The embedding of position t alone: (d_model,)."""
+        out = 0
+        for table, idx in zip(self.tables, self.coords[:, t]):
+            out = out + table[idx]
+        return out
+
 
 class Attention(nn.Module):
     """Multi-head sparse self-attention. Queries and keys may be narrower (qk_ratio)."""
@@ -69,6 +76,43 @@ class Attention(nn.Module):
         y = attention(q, k, v, self.pattern, scale=scale)  # (B, H, T, C/H)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y)
+
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, t: int, cache: dict) -> torch.Tensor:
+        """Decode position t: x (B, C) -> (B, C), reading only the keys the pattern allows.
+
+        ``cache`` holds "k" (B, H, n_ctx, Dqk) and "v" (B, H, n_ctx, Dv); this
+        step writes position t. q.k is computed in float32 (section 5.5).
+        """
+        B, C = x.shape
+        H = self.n_head
+        q = self.q(x).view(B, H, -1)
+        cache["k"][:, :, t] = self.k(x).view(B, H, -1)
+        cache["v"][:, :, t] = self.v(x).view(B, H, -1)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        out = x.new_zeros(B, H, C // H)
+        for heads, pattern, h0 in _head_groups(self.pattern, H):
+            keys = pattern.row_keys(t, h0).to(x.device)
+            if keys.numel() == 0:
+                continue  # no allowed key: zero output, as in attention()
+            # Gather the allowed positions first: the cost follows the pattern, not n_ctx.
+            k = cache["k"].index_select(2, keys)[:, heads].float()  # (B, h, K, Dqk)
+            v = cache["v"].index_select(2, keys)[:, heads].float()
+            scores = torch.einsum("bhd,bhkd->bhk", q[:, heads].float(), k) * scale
+            out[:, heads] = torch.einsum("bhk,bhkd->bhd", scores.softmax(-1), v).to(out.dtype)
+        return self.proj(out.reshape(B, C))
+
+
+def _head_groups(pattern, n_head: int):
+    """(head indices, pattern, first head) for heads that share one key set."""
+    from ..attention import per_head_patterns
+    from ..attention.parts import plan_key
+
+    groups: dict = {}
+    for h, p in enumerate(per_head_patterns(pattern, n_head)):
+        groups.setdefault(plan_key(p, h), (p, h, []))[2].append(h)
+    return [(torch.tensor(hs), p, h0) for p, h0, hs in groups.values()]
 
 
 def gelu_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +147,12 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         a = self.drop(self.attn(self.ln1(h)))
         b = self.drop(self.ff(self.ln2(h + a)))
+        return h + a + b
+
+    def step(self, h: torch.Tensor, t: int, cache: dict) -> torch.Tensor:
+        """One position, h (B, C); dropout is off when decoding."""
+        a = self.attn.step(self.ln1(h), t, cache)
+        b = self.ff(self.ln2(h + a))
         return h + a + b
 
 
@@ -161,6 +211,30 @@ class SparseTransformer(nn.Module):
                 h = checkpoint(blk, h, use_reentrant=False, preserve_rng_state=True)
             else:
                 h = blk(h)
+        return self.head(self.ln_f(h))
+
+    def new_cache(self, batch: int) -> list[dict]:
+        """A static KV cache for every block: k, v (batch, H, n_ctx, D) each."""
+        p = next(self.parameters())
+        H, n = self.cfg.n_head, self.cfg.n_ctx
+        return [
+            {"k": p.new_zeros(batch, H, n, self.cfg.d_qk // H), "v": p.new_zeros(batch, H, n, self.cfg.d_model // H)}
+            for _ in self.blocks
+        ]
+
+    @torch.no_grad()
+    def step(self, prev: torch.Tensor | None, t: int, cache: list[dict]) -> torch.Tensor:
+        """Logits (B, vocab) for position t given the byte at t-1 (``prev``, (B,); None at t=0).
+
+        Equal to ``forward(x)[:, t]`` when fed x[t-1] at every t (tested).
+        """
+        if t >= self.cfg.n_ctx:
+            raise ValueError(f"position {t} is beyond model.n_ctx={self.cfg.n_ctx}")
+        B = cache[0]["k"].shape[0]
+        h = self.start.expand(B, -1) if t == 0 else self.tok(prev)
+        h = h + self.pos.at(t)
+        for blk, c in zip(self.blocks, cache):
+            h = blk.step(h, t, c)
         return self.head(self.ln_f(h))
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,13 @@ def _summary_start(stride: int, c: int, distinct_heads: bool, head: int) -> int:
     return stride - c * (k + 1)
 
 
+def _summary_keys(stride: int, c: int, start: int, end: int) -> torch.Tensor:
+    """The summary positions (offsets [start, start + c) of every block) below ``end``."""
+    blocks = torch.arange(0, end, stride)
+    keys = (blocks[:, None] + torch.arange(start, start + c)[None, :]).reshape(-1)
+    return keys[keys < end]
+
+
 def _check(stride: int, c: int) -> None:
     check_int("stride", stride, 1)
     check_int("c", c, 1, stride)
@@ -38,6 +45,9 @@ class FixedBlock(Pattern):
 
     def row_counts(self, n, head=0):
         return torch.arange(n) % self.stride + 1
+
+    def row_keys(self, i, head=0):
+        return torch.arange(i - i % self.stride, i + 1)
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,9 @@ class FixedSummary(Pattern):
         own = torch.clamp(i % self.stride - s + 1, min=0, max=self.c)
         return (i // self.stride) * self.c + own
 
+    def row_keys(self, i, head=0):
+        return _summary_keys(self.stride, self.c, self.summary_start(head), i + 1)
+
 
 @dataclass(frozen=True)
 class Fixed(Pattern):
@@ -96,6 +109,11 @@ class Fixed(Pattern):
     def row_counts(self, n, head=0):
         i = torch.arange(n)
         return i % self.stride + 1 + (i // self.stride) * self.c
+
+    def row_keys(self, i, head=0):
+        block = i - i % self.stride
+        summaries = _summary_keys(self.stride, self.c, self.summary_start(head), block)
+        return torch.cat([summaries, torch.arange(block, i + 1)])
 
     def factors(self):
         return (FixedBlock(self.stride), FixedSummary(self.stride, self.c, self.distinct_heads))

@@ -22,3 +22,6 @@ class Local(Pattern):
 
     def row_counts(self, n, head=0):
         return torch.clamp(torch.arange(n) + 1, max=self.window)
+
+    def row_keys(self, i, head=0):
+        return torch.arange(max(0, i - self.window + 1), i + 1)

@@ -28,6 +28,9 @@ class StridedColumns(Pattern):
     def row_counts(self, n, head=0):
         return torch.arange(n) // self.stride + 1
 
+    def row_keys(self, i, head=0):
+        return torch.arange(i % self.stride, i + 1, self.stride)
+
 
 @dataclass(frozen=True)
 class Strided(Pattern):
@@ -45,6 +48,12 @@ class Strided(Pattern):
     def row_counts(self, n, head=0):
         i = torch.arange(n)
         return torch.clamp(i + 1, max=self.stride) + i // self.stride
+
+    def row_keys(self, i, head=0):
+        local_start = max(0, i - self.stride + 1)
+        start = i % self.stride
+        far = torch.arange(start, max(start, local_start), self.stride)  # (i - j) % stride == 0, i - j >= stride
+        return torch.cat([far, torch.arange(local_start, i + 1)])
 
     def factors(self):
         return (Local(self.stride), StridedColumns(self.stride))

@@ -11,7 +11,7 @@ import torch
 
 from ..data import get_batch, load_dataset
 from ..model import ModelConfig, SparseTransformer
-from ..model.generate import generate_naive
+from ..model.generate import generate
 from ..sysutil import atomic_write_text
 from .checkpoint import CKPT_NAME, atomic_torch_save, export_weights, load_checkpoint
 from .config import RunConfig
@@ -223,7 +223,7 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
         if ema:
             ema.swap(model)
         n = min(t.sample_bytes, cfg.model.n_ctx - 1)
-        sample = generate_naive(model, 1, n, prompt=b"\n", seed=t.seed)[0, 1:].tolist()
+        sample = generate(model, 1, n, prompt=b"\n", seed=t.seed)[0, 1:].tolist()
         if ema:
             ema.swap(model)
         text = bytes(sample).decode("utf-8", errors="replace")
