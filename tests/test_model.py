@@ -145,3 +145,13 @@ def test_generate_cached_equals_naive_and_is_seeded():
         generate(m, 1, 5, temperature=-1)
     with pytest.raises(ValueError, match="exceeds model.n_ctx"):
         generate(m, 1, 41)
+
+
+def test_fixed_cache_is_a_fraction_of_dense():
+    def cache_bytes(pattern):
+        m = SparseTransformer(ModelConfig(n_ctx=16384, d_model=64, n_layer=1, n_head=4, pattern=pattern, stride=128, c=16))
+        return m.cache_bytes(m.new_cache(1))
+
+    ratio = cache_bytes("fixed") / cache_bytes("dense")
+    assert ratio == pytest.approx((128 * 16 + 128) / 16384)  # summaries of 128 blocks + one block
+    assert ratio <= 0.25

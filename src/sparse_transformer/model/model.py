@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
+from ..attention.cache import make_cache
 from .config import ModelConfig
 
 
@@ -78,29 +79,35 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
+    def new_cache(self, B: int, n_ctx: int, like: torch.Tensor) -> list:
+        """One pattern-following KV cache per group of heads that share a key set."""
+        H = self.n_head
+        return [
+            (heads, make_cache(p, h0, B, len(heads), n_ctx, self.d_qk // H, self.d_v // H, like))
+            for heads, p, h0 in _head_groups(self.pattern, H)
+        ]
+
     @torch.no_grad()
-    def step(self, x: torch.Tensor, t: int, cache: dict) -> torch.Tensor:
+    def step(self, x: torch.Tensor, t: int, cache: list) -> torch.Tensor:
         """Decode position t: x (B, C) -> (B, C), reading only the keys the pattern allows.
 
-        ``cache`` holds "k" (B, H, n_ctx, Dqk) and "v" (B, H, n_ctx, Dv); this
-        step writes position t. q.k is computed in float32 (section 5.5).
+        Writes position t into ``cache`` (from ``new_cache``). q.k is computed
+        in float32 (section 5.5: it overflows float16).
         """
         B, C = x.shape
         H = self.n_head
         q = self.q(x).view(B, H, -1)
-        cache["k"][:, :, t] = self.k(x).view(B, H, -1)
-        cache["v"][:, :, t] = self.v(x).view(B, H, -1)
+        k_new, v_new = self.k(x).view(B, H, -1), self.v(x).view(B, H, -1)
         scale = 1.0 / math.sqrt(q.shape[-1])
         out = x.new_zeros(B, H, C // H)
-        for heads, pattern, h0 in _head_groups(self.pattern, H):
-            keys = pattern.row_keys(t, h0).to(x.device)
-            if keys.numel() == 0:
+        for heads, group in cache:
+            heads = heads.to(x.device)
+            group.write(t, k_new[:, heads], v_new[:, heads])
+            k, v = group.read(t)  # (B, h, K, D)
+            if k.shape[2] == 0:
                 continue  # no allowed key: zero output, as in attention()
-            # Gather the allowed positions first: the cost follows the pattern, not n_ctx.
-            k = cache["k"].index_select(2, keys)[:, heads].float()  # (B, h, K, Dqk)
-            v = cache["v"].index_select(2, keys)[:, heads].float()
-            scores = torch.einsum("bhd,bhkd->bhk", q[:, heads].float(), k) * scale
-            out[:, heads] = torch.einsum("bhk,bhkd->bhd", scores.softmax(-1), v).to(out.dtype)
+            scores = torch.einsum("bhd,bhkd->bhk", q[:, heads].float(), k.float()) * scale
+            out[:, heads] = torch.einsum("bhk,bhkd->bhd", scores.softmax(-1), v.float()).to(out.dtype)
         return self.proj(out.reshape(B, C))
 
 
@@ -149,7 +156,7 @@ class Block(nn.Module):
         b = self.drop(self.ff(self.ln2(h + a)))
         return h + a + b
 
-    def step(self, h: torch.Tensor, t: int, cache: dict) -> torch.Tensor:
+    def step(self, h: torch.Tensor, t: int, cache: list) -> torch.Tensor:
         """One position, h (B, C); dropout is off when decoding."""
         a = self.attn.step(self.ln1(h), t, cache)
         b = self.ff(self.ln2(h + a))
@@ -213,24 +220,24 @@ class SparseTransformer(nn.Module):
                 h = blk(h)
         return self.head(self.ln_f(h))
 
-    def new_cache(self, batch: int) -> list[dict]:
-        """A static KV cache for every block: k, v (batch, H, n_ctx, D) each."""
-        p = next(self.parameters())
-        H, n = self.cfg.n_head, self.cfg.n_ctx
-        return [
-            {"k": p.new_zeros(batch, H, n, self.cfg.d_qk // H), "v": p.new_zeros(batch, H, n, self.cfg.d_model // H)}
-            for _ in self.blocks
-        ]
+    def new_cache(self, batch: int) -> list[list]:
+        """KV caches for every block that follow each block's pattern (see attention/cache.py)."""
+        like = next(self.parameters())
+        return [blk.attn.new_cache(batch, self.cfg.n_ctx, like) for blk in self.blocks]
+
+    @staticmethod
+    def cache_bytes(cache: list[list]) -> int:
+        return sum(group.nbytes() for layer in cache for _, group in layer)
 
     @torch.no_grad()
-    def step(self, prev: torch.Tensor | None, t: int, cache: list[dict]) -> torch.Tensor:
+    def step(self, prev: torch.Tensor | None, t: int, cache: list[list]) -> torch.Tensor:
         """Logits (B, vocab) for position t given the byte at t-1 (``prev``, (B,); None at t=0).
 
         Equal to ``forward(x)[:, t]`` when fed x[t-1] at every t (tested).
         """
         if t >= self.cfg.n_ctx:
             raise ValueError(f"position {t} is beyond model.n_ctx={self.cfg.n_ctx}")
-        B = cache[0]["k"].shape[0]
+        B = cache[0][0][1].batch
         h = self.start.expand(B, -1) if t == 0 else self.tok(prev)
         h = h + self.pos.at(t)
         for blk, c in zip(self.blocks, cache):

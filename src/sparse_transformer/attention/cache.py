@@ -1,0 +1,81 @@
+"""KV caches for decoding that follow the pattern (paper section 5.5).
+
+One cache serves one group of heads of one layer. ``write(t, k, v)`` stores
+position t; ``read(t)`` returns exactly the keys and values that query t may
+attend (in any order: attention does not care). A fixed pattern keeps only
+the summary columns of finished blocks plus the current block, about c/stride
+of a dense cache plus one block; the others keep every position and read only
+the allowed ones.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..patterns import Fixed, FixedBlock, FixedSummary, Pattern
+
+
+class FullCache:
+    """Every position: [B, h, n_ctx, D]; reads gather ``pattern.row_keys(t)``."""
+
+    def __init__(self, pattern: Pattern, head: int, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
+        self.pattern, self.head, self.batch = pattern, head, B
+        self.k = like.new_zeros(B, h, n_ctx, dk)
+        self.v = like.new_zeros(B, h, n_ctx, dv)
+
+    def write(self, t: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[:, :, t] = k
+        self.v[:, :, t] = v
+
+    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.pattern.row_keys(t, self.head).to(self.k.device)
+        return self.k.index_select(2, keys), self.v.index_select(2, keys)
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class FixedCache:
+    """Fixed(l, c) and its factors: the summaries of finished blocks + the current block.
+
+    Summaries [B, h, (n_ctx / l) * c, D] fill as blocks finish; the block store
+    [B, h, l, D] is reused by each new block.
+    """
+
+    def __init__(self, pattern: Pattern, head: int, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
+        self.pattern, self.l, self.batch = pattern, pattern.stride, B
+        self.summaries = not isinstance(pattern, FixedBlock)
+        self.c = 0 if not self.summaries else pattern.c
+        self.s0 = 0 if not self.summaries else pattern.summary_start(head)
+        nb = -(-n_ctx // self.l)
+        self.sk = like.new_zeros(B, h, nb * self.c, dk)
+        self.sv = like.new_zeros(B, h, nb * self.c, dv)
+        self.bk = like.new_zeros(B, h, self.l, dk)
+        self.bv = like.new_zeros(B, h, self.l, dv)
+
+    def write(self, t: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        off = t % self.l
+        self.bk[:, :, off] = k
+        self.bv[:, :, off] = v
+        if self.summaries and self.s0 <= off < self.s0 + self.c:
+            i = (t // self.l) * self.c + off - self.s0
+            self.sk[:, :, i] = k
+            self.sv[:, :, i] = v
+
+    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        off, done = t % self.l, (t // self.l) * self.c  # summaries of the finished blocks
+        if isinstance(self.pattern, FixedSummary):
+            own = slice(self.s0, min(off, self.s0 + self.c - 1) + 1) if off >= self.s0 else slice(0, 0)
+        else:
+            own = slice(0, off + 1)  # the current block up to t
+        k = torch.cat([self.sk[:, :, :done], self.bk[:, :, own]], dim=2)
+        v = torch.cat([self.sv[:, :, :done], self.bv[:, :, own]], dim=2)
+        return k, v
+
+    def nbytes(self) -> int:
+        return self.sk.nbytes + self.sv.nbytes + self.bk.nbytes + self.bv.nbytes
+
+
+def make_cache(pattern: Pattern, head: int, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
+    """The cache for heads that use ``pattern`` (as head ``head`` sees it)."""
+    kind = FixedCache if isinstance(pattern, (Fixed, FixedBlock, FixedSummary)) else FullCache
+    return kind(pattern, head, B, h, n_ctx, dk, dv, like)
