@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from .sysutil import tune_malloc
 
 
@@ -186,6 +188,76 @@ def _cmd_eval(args, extra) -> int:
     return 0
 
 
+def _add_sample(sub) -> None:
+    sp = sub.add_parser(
+        "sample",
+        help="generate text or images from a checkpoint",
+        description="Generate with the pattern-following KV cache. Text models print to stdout (or -o FILE); "
+        "image models (model.data_shape = H x W x C) write one PNG grid; --complete INDEX keeps the top half "
+        "of test image INDEX and writes original | kept half | completions side by side.",
+    )
+    sp.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
+    sp.add_argument("-n", type=int, default=1, help="number of samples (default 1)")
+    sp.add_argument("--length", type=int, default=None, help="bytes to generate for text (default min(500, n_ctx))")
+    sp.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 means argmax (default 1.0)")
+    sp.add_argument("--prompt", default=None, help="text to continue (text models)")
+    sp.add_argument("--complete", type=int, default=None, metavar="INDEX", help="complete test image INDEX (image models)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("-o", "--out", default=None, help="output file (text: default stdout; images: samples.png)")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_sample(args, extra) -> int:
+    from .data import load_dataset
+    from .model import SparseTransformer
+    from .sampling import sample
+    from .train.checkpoint import load_checkpoint
+    from .train.config import RunConfig
+    from .train.loop import pick_device
+
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.n < 1:
+        raise UsageError("-n must be >= 1")
+    if args.prompt is not None and args.complete is not None:
+        raise UsageError("give --prompt or --complete, not both")
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = RunConfig.from_dict(ckpt["config"])
+    model = SparseTransformer(cfg.model).to(pick_device(args.device))
+    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
+    image = len(cfg.model.data_shape) == 3
+    if args.complete is not None and not image:
+        raise UsageError("--complete is for image models; use --prompt TEXT for a text model")
+    if args.prompt is not None and image:
+        raise UsageError("--prompt is for text models; use --complete INDEX for an image model")
+    complete = None
+    if args.complete is not None:
+        ds = load_dataset(cfg.data.name, cfg.data.train_fraction, cfg.data.dir)
+        split = ds.split("test" if "test" in ds.splits else "val")
+        size = 1
+        for d in cfg.model.data_shape:
+            size *= d
+        count = len(split) // max(size, 1)
+        if not 0 <= args.complete < count:
+            raise UsageError(f"--complete must be in [0, {count - 1}], got {args.complete}")
+        complete = np.asarray(split[args.complete * size : (args.complete + 1) * size])
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="byte", leave=False, file=sys.stderr)
+    try:
+        msg = sample(model, n=args.n, temperature=args.temperature, seed=args.seed, out=args.out,
+                     prompt=(args.prompt or "").encode("utf-8"), length=args.length, complete=complete,
+                     progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(msg, file=sys.stderr)
+    return 0
+
+
 def _add_data(sub) -> None:
     data = sub.add_parser("data", help="prepare datasets as uint8 .bin files + meta.json")
     dsub = data.add_subparsers(dest="data", required=True, parser_class=_Parser)
@@ -221,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
+    _add_sample(sub)
     _add_data(sub)
     _add_bench(sub)
     return parser
@@ -283,7 +356,7 @@ def _cmd_bench(args, extra) -> int:
     raise UsageError(f"unknown benchmark {args.bench!r}")
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data, "bench": _cmd_bench}
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "data": _cmd_data, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,56 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from sparse_transformer.train.config import build_config
+from sparse_transformer.train.loop import train
+
+SMALL = [("model.d_model", "32"), ("model.n_layer", "2"), ("model.n_head", "2"), ("train.steps", "2"),
+         ("train.batch_size", "2"), ("train.sample_bytes", "0"), ("train.eval_max_bytes", "512")]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sparse_transformer", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_sample_text(tmp_path):
+    cfg = build_config(None, None, SMALL + [("model.n_ctx", "64"), ("model.stride", "8"), ("train.out_dir", str(tmp_path))])
+    train(cfg, show_progress=False, echo=lambda *_: None)
+    out = tmp_path / "s.txt"
+    r = run_cli("sample", str(tmp_path), "-n", "2", "--length", "20", "--prompt", "ab", "-o", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert text.count("=== sample") == 2 and "ab" in text
+    r = run_cli("sample", str(tmp_path), "--complete", "1")
+    assert r.returncode == 2 and "--complete is for image models" in r.stderr
+
+
+def test_sample_images_and_completion(tmp_path):
+    data = tmp_path / "data" / "tiny-images"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("val", 4), ("test", 4)):
+        (data / f"{split}.bin").write_bytes(rng.integers(0, 256, count * 48, dtype=np.uint8).tobytes())
+    (data / "meta.json").write_text(json.dumps({"name": "tiny-images", "modality": "image", "shape": [4, 4, 3],
+                                                "splits": {"train": 40 * 48, "val": 4 * 48, "test": 4 * 48}}))
+    run = tmp_path / "run"
+    cfg = build_config(None, None, SMALL + [
+        ("model.n_ctx", "48"), ("model.stride", "12"), ("model.data_shape", "4x4x3"), ("data.name", "tiny-images"),
+        ("data.dir", str(tmp_path / "data")), ("train.out_dir", str(run))])
+    train(cfg, show_progress=False, echo=lambda *_: None)
+    r = run_cli("sample", str(run), "-n", "4", "-o", str(tmp_path / "grid.png"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "grid.png").size == (2 * 6 + 2, 2 * 6 + 2)  # 2 x 2 grid of 4 x 4 images, 2-pixel gaps
+    r = run_cli("sample", str(run), "-n", "3", "--complete", "2", "-o", str(tmp_path / "c.png"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    img = np.asarray(Image.open(tmp_path / "c.png"))
+    assert img.shape == (6 + 2, 5 * 6 + 2, 3)  # original, kept half, 3 completions
+    test2 = np.frombuffer((data / "test.bin").read_bytes(), dtype=np.uint8)[2 * 48 : 3 * 48].reshape(4, 4, 3)
+    assert (img[2:6, 2:6] == test2).all()  # the original
+    assert (img[2:4, 8:12] == test2[:2]).all() and (img[4:6, 8:12] == 0).all()  # kept top half
+    assert all((img[2:4, 2 + 6 * k : 6 + 6 * k] == test2[:2]).all() for k in range(2, 5))  # completions keep it
+    r = run_cli("sample", str(run), "--complete", "9")
+    assert r.returncode == 2 and "--complete must be in [0, 3]" in r.stderr
