@@ -55,6 +55,23 @@ def _add_bench(sub) -> None:
     att.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults")
     att.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH", help="write the results as JSON to PATH (stdout without PATH)")
 
+    sa = bsub.add_parser(
+        "sample",
+        help="decoding with the sparse KV cache: time per token, generation vs recompute, cache size",
+        description="Times model.step at two positions, generation of --length tokens with the cache against "
+        "an estimate of recomputing the full forward pass per token, and the KV cache size against dense.",
+    )
+    sa.add_argument("--positions", type=_positive_ints, default=[1024, 16384], help="two positions (default 1024,16384)")
+    sa.add_argument("--length", type=int, default=4096, help="tokens to generate (default 4096)")
+    sa.add_argument("--layers", type=int, default=8)
+    sa.add_argument("--d-model", type=int, default=256)
+    sa.add_argument("--heads", type=int, default=4)
+    sa.add_argument("--stride", type=int, default=128)
+    sa.add_argument("-c", type=int, default=16)
+    sa.add_argument("--patterns", default="dense,strided,fixed")
+    sa.add_argument("--no-malloc-tuning", action="store_true")
+    sa.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
+
     tr = bsub.add_parser(
         "train",
         help="time and peak memory of one training step, dense vs strided vs fixed",
@@ -338,6 +355,19 @@ def _cmd_bench(args, extra) -> int:
             progress=lambda m: print(m, file=sys.stderr),
         )
         return _emit(result, ba.report, args.json)
+    if args.bench == "sample":
+        from .bench import sample as bs
+
+        if len(args.positions) != 2:
+            raise UsageError("--positions takes exactly two positions, e.g. 1024,16384")
+        pats = [p.strip() for p in args.patterns.split(",")]
+        bad = [p for p in pats if p not in ("dense", "local", "strided", "fixed")]
+        if bad:
+            raise UsageError(f"--patterns: unknown {', '.join(bad)}; allowed: dense, local, strided, fixed")
+        result = bs.run(positions=tuple(args.positions), gen_length=args.length, n_layer=args.layers,
+                        d_model=args.d_model, n_head=args.heads, stride=args.stride, c=args.c, patterns=pats,
+                        malloc_tuning=not args.no_malloc_tuning, progress=lambda m: print(m, file=sys.stderr))
+        return _emit(result, bs.report, args.json)
     if args.bench == "train":
         from .bench import train as bt
 

@@ -1,0 +1,87 @@
+"""``sparse-transformer bench sample``: decoding with the pattern-following KV cache (section 5.5).
+
+- Time per token at two positions (default 1,024 and 16,384): one ``model.step``
+  at position t, median of repeats, with the cache allocated for the longest
+  position (the cost of a step depends on t, not on the cache's contents).
+- Generating L tokens (default 4,096) with the cache, timed, against
+  recomputing the full forward pass for every token. The latter is estimated
+  from forward passes timed at 8 lengths and integrated over 1..L (trapezoid
+  rule), because running it takes tens of minutes on a CPU.
+- KV cache bytes at the longest position, against a dense cache.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..model import ModelConfig, SparseTransformer
+from ..model.generate import generate
+from ..sysutil import tune_malloc
+from .common import machine_info, table
+
+
+def run(*, positions=(1024, 16384), gen_length: int = 4096, n_layer: int = 8, d_model: int = 256, n_head: int = 4,
+        stride: int = 128, c: int = 16, patterns=("dense", "strided", "fixed"), repeat: int = 20,
+        malloc_tuning: bool = True, progress=print) -> dict:
+    if malloc_tuning:
+        tune_malloc()
+    torch.manual_seed(0)
+    n_ctx = max(max(positions) + 1, gen_length)
+    rows = []
+    dense_cache = None
+    for pattern in patterns:
+        cfg = ModelConfig(n_ctx=n_ctx, d_model=d_model, n_layer=n_layer, n_head=n_head, pattern=pattern, stride=stride, c=c)
+        model = SparseTransformer(cfg).eval()
+        cache = model.new_cache(1)
+        row = {"pattern": pattern, "cache_mb": model.cache_bytes(cache) / 2**20}
+        if pattern == "dense":
+            dense_cache = row["cache_mb"]
+        prev = torch.zeros(1, dtype=torch.long)
+        for t in positions:
+            model.step(prev, t, cache)
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                model.step(prev, t, cache)
+                times.append(time.perf_counter() - t0)
+            row[f"ms_at_{t}"] = 1000 * float(np.median(times))
+        row["step_ratio"] = row[f"ms_at_{positions[-1]}"] / row[f"ms_at_{positions[0]}"]
+        t0 = time.perf_counter()
+        generate(model, 1, gen_length, temperature=1.0, seed=0)
+        row["generate_s"] = time.perf_counter() - t0
+        lengths = np.unique(np.linspace(1, gen_length, 8).astype(int))
+        fwd = []
+        with torch.no_grad():
+            for n in lengths:
+                x = torch.zeros(1, int(n), dtype=torch.long)
+                model(x)
+                t0 = time.perf_counter()
+                model(x)
+                fwd.append(time.perf_counter() - t0)
+        row["recompute_s_estimate"] = float(np.trapezoid(fwd, lengths))
+        row["generate_speedup"] = row["recompute_s_estimate"] / row["generate_s"]
+        progress(f"{pattern}: {row['step_ratio']:.2f}x step time, generate {row['generate_s']:.1f} s, "
+                 f"{row['generate_speedup']:.0f}x faster than recomputing")
+        rows.append(row)
+    for row in rows:
+        row["cache_fraction_of_dense"] = row["cache_mb"] / dense_cache if dense_cache else None
+    return {
+        "benchmark": "sample",
+        "config": {"n_layer": n_layer, "d_model": d_model, "n_head": n_head, "stride": stride, "c": c,
+                   "positions": list(positions), "gen_length": gen_length, "n_ctx": n_ctx},
+        "machine": machine_info(torch.device("cpu")),
+        "results": rows,
+    }
+
+
+def report(result: dict) -> str:
+    p = result["config"]["positions"]
+    cols = [("pattern", "pattern")] + [(f"ms_at_{t}", f"ms/token at {t}") for t in p] + [
+        ("step_ratio", "ratio"), ("generate_s", f"generate {result['config']['gen_length']} s"),
+        ("recompute_s_estimate", "recompute s (est.)"), ("generate_speedup", "speedup"),
+        ("cache_mb", "cache MB"), ("cache_fraction_of_dense", "of dense")]
+    c = result["config"]
+    head = f"sampling: {c['n_layer']} layers, d {c['d_model']}, {c['n_head']} heads, stride {c['stride']}, c {c['c']}, float32, CPU"
+    return head + "\n" + table(result["results"], cols)
