@@ -54,3 +54,16 @@ def test_sample_images_and_completion(tmp_path):
     assert all((img[2:4, 2 + 6 * k : 6 + 6 * k] == test2[:2]).all() for k in range(2, 5))  # completions keep it
     r = run_cli("sample", str(run), "--complete", "9")
     assert r.returncode == 2 and "--complete must be in [0, 3]" in r.stderr
+
+
+def test_bench_sample_smoke(tmp_path):
+    out = tmp_path / "b.json"
+    r = run_cli("bench", "sample", "--positions", "64,512", "--length", "128", "--layers", "1", "--d-model", "32",
+                "--heads", "2", "--stride", "16", "-c", "4", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = {row["pattern"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"dense", "strided", "fixed"}
+    assert rows["dense"]["cache_fraction_of_dense"] == 1.0
+    assert rows["fixed"]["cache_mb"] < rows["dense"]["cache_mb"]  # n_ctx 513: 33 blocks x 4 + 16 of 513
+    r = run_cli("bench", "sample", "--positions", "64")
+    assert r.returncode == 2 and "exactly two positions" in r.stderr
