@@ -36,14 +36,14 @@ def test_checksum_mismatch_leaves_nothing(data_dir, tmp_path):
     with open(src / "t10k-images-idx3-ubyte.gz", "ab") as f:
         f.write(b"x")
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="does not match the known"):
+    with pytest.raises(ValueError, match="does not match the expected"):
         prepare("fashion-mnist", src, out)
     assert not (out / "fashion-mnist").exists()
     assert not out.exists() or not any(out.iterdir())  # no half-written folder or temporary file
 
 
 def test_truncated_idx_is_an_error(tmp_path):
-    from sparse_transformer.data.prepare import _read_idx
+    from sparse_transformer.data.formats import read_idx as _read_idx
 
     f = tmp_path / "x-idx3-ubyte.gz"
     f.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 100))
@@ -90,3 +90,92 @@ def test_cli_data_prepare_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sparse_transformer", "data", "prepare", "shakespeare", "--dir", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "pass --from PATH" in r.stderr
+
+
+def test_audio_real_round_trip(data_dir, tmp_path):
+    pytest.importorskip("soundfile")
+    from sparse_transformer.data import formats
+
+    src = data_dir / "brahms-hungarian-dance-5.ogg"
+    meta = prepare("audio", src, tmp_path)
+    n = meta["splits"]["train"] + meta["splits"]["val"]
+    assert meta["modality"] == "audio" and meta["sample_rate"] == 12000
+    assert abs(n - 45.84 * 12000) < 0.01 * n  # 45.8 s at 12 kHz
+    ds = load_dataset("audio", data_dir=tmp_path)
+    codes = np.asarray(ds.split("train"))
+    assert len(np.unique(codes)) > 100  # a real recording uses most of the 256 levels
+    # mu-law: decoding then encoding gives back every code
+    assert (formats.mu_law_encode(formats.mu_law_decode(np.arange(256))) == np.arange(256)).all()
+    wav = tmp_path / "x.wav"
+    formats.write_wav(wav, codes[:12000])
+    back = formats.read_audio(wav)  # 16-bit PCM at 12 kHz: no resampling on the way back
+    assert len(back) == 12000
+    assert (formats.mu_law_encode(back) == codes[:12000]).mean() > 0.99
+
+
+def test_images_folder_and_bad_inputs(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    pix = [rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for _ in range(10)]
+    for i, p in enumerate(pix):
+        Image.fromarray(p).save(src / f"{i}.png")
+    meta = prepare("images", src, tmp_path / "data", size=(6, 5))
+    assert meta["shape"] == [6, 5, 3] and meta["examples"] == {"train": 9, "val": 1}
+    ds = load_dataset("images", data_dir=tmp_path / "data")
+    first = ds.split("train")[:90].reshape(6, 5, 3)
+    assert any((first == p).all() for p in pix)  # row, column, channel order
+    Image.fromarray(pix[0][:4]).save(src / "small.png")
+    with pytest.raises(ValueError, match="small.png: the image is 4x5, expected 6x5"):
+        prepare("images", src, tmp_path / "other", size=(6, 5))
+    assert not (tmp_path / "other" / "images").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no PNG or JPEG files"):
+        prepare("images", empty, tmp_path / "other")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "sparse_transformer", *args], capture_output=True, text=True)
+
+
+def test_cli_bad_inputs_one_line_and_nothing_damaged(tmp_path):
+    data = tmp_path / "data"
+    (tmp_path / "t.txt").write_bytes(b"some text " * 50)
+    assert _cli("data", "prepare", "text", "--from", str(tmp_path / "t.txt"), "--dir", str(data)).returncode == 0
+    before = {p.name: p.read_bytes() for p in (data / "text").iterdir()}
+    bad_tar = tmp_path / "cifar-10-python.tar.gz"
+    bad_tar.write_bytes(b"\x1f\x8b" + b"garbage" * 100)
+    noise = tmp_path / "noise.wav"
+    noise.write_bytes(b"RIFF" + b"\0" * 40)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (("cifar10", "--from", str(bad_tar)), "neither CIFAR-10"),
+        (("audio", "--from", str(noise)), "cannot decode audio"),
+        (("audio", "--from", str(empty)), "holds no WAV/FLAC/OGG files"),
+        (("text", "--from", str(tmp_path / "t.txt")), "already exists"),
+        (("text", "--from", str(tmp_path / "t.txt"), "--dir", str(tmp_path / "t.txt" / "sub")), "cannot write into"),
+    ]
+    for args, msg in cases:
+        r = _cli("data", "prepare", *args, *(() if "--dir" in args else ("--dir", str(data))))
+        assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3
+    assert {p.name: p.read_bytes() for p in (data / "text").iterdir()} == before
+    assert sorted(p.name for p in data.iterdir()) == ["text"]  # no half-prepared dataset beside it
+
+
+def test_cli_data_dir_without_permission(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("running as root: permissions are not enforced")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    (tmp_path / "t.txt").write_bytes(b"some text " * 50)
+    r = _cli("data", "prepare", "text", "--from", str(tmp_path / "t.txt"), "--dir", str(locked))
+    locked.chmod(0o700)
+    assert r.returncode == 2 and "permission denied" in r.stderr

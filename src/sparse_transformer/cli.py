@@ -275,21 +275,37 @@ def _cmd_sample(args, extra) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(x) for x in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or one number, got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or one number, got {text!r}")
+    return (parts[0], parts[-1])
+
+
 def _add_data(sub) -> None:
     data = sub.add_parser("data", help="prepare datasets as uint8 .bin files + meta.json")
     dsub = data.add_subparsers(dest="data", required=True, parser_class=_Parser)
     prep = dsub.add_parser(
         "prepare",
-        help="prepare a dataset from a local copy",
-        description="Prepare a dataset into DATA_DIR/NAME (train.bin, val.bin[, test.bin], meta.json). "
-        "Available: shakespeare (--from input.txt, checksum verified; 90/10 split), text (--from a file "
-        "or folder; 90/10 split), fashion-mnist (--from the folder of the four idx .gz files, checksums "
-        "verified; 58,000 train / 2,000 validation / 10,000 test images of 28x28x1). An existing "
-        "prepared dataset is never overwritten.",
+        help="download or import a dataset",
+        description="Prepare a dataset into DATA_DIR/NAME: train.bin, val.bin[, test.bin] (raw uint8, images in "
+        "row, column, channel order; audio as 12 kHz 8-bit mu-law) and meta.json. Named datasets: enwik8 "
+        "(90M/5M/5M bytes), shakespeare (tiny-shakespeare, 90/10), cifar10 (48,000 train / 2,000 validation / "
+        "10,000 test), imagenet64 (downsampled ImageNet .npz files; --from only, it needs an account), "
+        "fashion-mnist (58,000/2,000/10,000). Generic: text (files), images (a folder of PNG/JPEG of one size), "
+        "audio (WAV/FLAC/OGG files; needs the [audio] extra). Without --from, named datasets are downloaded "
+        "into DATA_DIR/downloads with resume and checksum verification. A prepared dataset is never overwritten.",
     )
-    prep.add_argument("name", help="shakespeare, text or fashion-mnist")
-    prep.add_argument("--from", dest="source", default=None, metavar="PATH", help="the local copy to import")
+    prep.add_argument("name", help="enwik8, shakespeare, cifar10, imagenet64, fashion-mnist, text, images or audio")
+    prep.add_argument("--from", dest="source", default=None, metavar="PATH", help="import this local copy (file, folder or archive) instead of downloading")
     prep.add_argument("--dir", dest="data_dir", default="data", help="where prepared datasets live (default data/)")
+    prep.add_argument("--size", type=_size, default=None, metavar="HxW", help="images: the size every image must have (default: the first image's)")
+    prep.add_argument("--channels", type=int, choices=[1, 3], default=3, help="images: 1 (grayscale) or 3 (RGB, default)")
+    prep.add_argument("--fraction", type=float, default=0.9, help="text, images, audio: training share (default 0.9)")
+    prep.add_argument("--mirror", default=None, metavar="URL", help="download the files from URL/FILE instead of their canonical location")
 
 
 def _cmd_data(args, extra) -> int:
@@ -297,7 +313,8 @@ def _cmd_data(args, extra) -> int:
 
     if extra:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
-    meta = prepare(args.name, args.source, args.data_dir)
+    meta = prepare(args.name, args.source, args.data_dir, args.fraction, size=args.size, channels=args.channels,
+                   mirror=args.mirror, progress=lambda m: print(m, file=sys.stderr))
     sizes = ", ".join(f"{k} {v:,}" for k, v in meta["splits"].items())
     print(f"prepared {args.name} in {args.data_dir}/{args.name}: {sizes} bytes")
     return 0
