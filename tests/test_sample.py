@@ -54,6 +54,33 @@ def test_sample_images_and_completion(tmp_path):
     assert all((img[2:4, 2 + 6 * k : 6 + 6 * k] == test2[:2]).all() for k in range(2, 5))  # completions keep it
     r = run_cli("sample", str(run), "--complete", "9")
     assert r.returncode == 2 and "--complete must be in [0, 3]" in r.stderr
+    Image.fromarray(test2).save(tmp_path / "mine.png")  # the same image, as a file
+    r = run_cli("sample", str(run), "-n", "1", "--complete", str(tmp_path / "mine.png"), "-o", str(tmp_path / "f.png"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (np.asarray(Image.open(tmp_path / "f.png"))[2:6, 2:6] == test2).all()
+    Image.fromarray(test2[:3]).save(tmp_path / "wrong.png")
+    r = run_cli("sample", str(run), "--complete", str(tmp_path / "wrong.png"))
+    assert r.returncode == 2 and "expected 4x4" in r.stderr
+
+
+def test_sample_audio_wav(tmp_path, data_dir):
+    import wave
+
+    from sparse_transformer.data.prepare import prepare
+
+    prepare("audio", data_dir / "brahms-hungarian-dance-5.ogg", tmp_path / "data")
+    run = tmp_path / "run"
+    cfg = build_config(None, None, SMALL + [("model.n_ctx", "256"), ("model.stride", "16"), ("data.name", "audio"),
+                                            ("data.dir", str(tmp_path / "data")), ("train.out_dir", str(run))])
+    train(cfg, show_progress=False, echo=lambda *_: None)
+    out = tmp_path / "s.wav"
+    r = run_cli("sample", str(run), "-n", "2", "--length", "200", "-o", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    with wave.open(str(out)) as w:
+        assert w.getframerate() == 12000 and w.getnchannels() == 1
+        assert w.getnframes() == 2 * 200 + 3000  # two samples and a quarter second of silence between
+    r = run_cli("sample", str(run), "--prompt", "x")
+    assert r.returncode == 2 and "--prompt is for text models; this is an audio model" in r.stderr
 
 
 def test_bench_sample_smoke(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -215,12 +216,13 @@ def _add_sample(sub) -> None:
     )
     sp.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
     sp.add_argument("-n", type=int, default=1, help="number of samples (default 1)")
-    sp.add_argument("--length", type=int, default=None, help="bytes to generate for text (default min(500, n_ctx))")
+    sp.add_argument("--length", type=int, default=None, help="steps to generate for text (default min(500, n_ctx)) and audio (default n_ctx)")
     sp.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 means argmax (default 1.0)")
     sp.add_argument("--prompt", default=None, help="text to continue (text models)")
-    sp.add_argument("--complete", type=int, default=None, metavar="INDEX", help="complete test image INDEX (image models)")
+    sp.add_argument("--complete", default=None, metavar="INDEX_OR_FILE",
+                    help="image models: complete the top half of test image INDEX, or of an image FILE of the model's size")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("-o", "--out", default=None, help="output file (text: default stdout; images: samples.png)")
+    sp.add_argument("-o", "--out", default=None, help="output file (text: default stdout; images: samples.png; audio: samples.wav)")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--no-progress", action="store_true")
 
@@ -243,13 +245,24 @@ def _cmd_sample(args, extra) -> int:
     cfg = RunConfig.from_dict(ckpt["config"])
     model = SparseTransformer(cfg.model).to(pick_device(args.device))
     model.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
-    image = len(cfg.model.data_shape) == 3
+    modality = ckpt.get("modality") or ("image" if len(cfg.model.data_shape) == 3 else "text")
+    image = modality == "image"
     if args.complete is not None and not image:
         raise UsageError("--complete is for image models; use --prompt TEXT for a text model")
-    if args.prompt is not None and image:
-        raise UsageError("--prompt is for text models; use --complete INDEX for an image model")
+    if args.prompt is not None and modality != "text":
+        raise UsageError(f"--prompt is for text models; this is an {modality} model")
+    if args.length is not None and args.length < 1:
+        raise UsageError("--length must be >= 1")
     complete = None
-    if args.complete is not None:
+    if args.complete is not None and not args.complete.lstrip("-").isdigit():
+        from .data.formats import read_images
+
+        H, W, C = cfg.model.data_shape
+        if C not in (1, 3):
+            raise UsageError(f"--complete FILE needs a model of 1 or 3 channels, this one has {C}")
+        complete = read_images([Path(args.complete)], (H, W), C).reshape(-1)
+    elif args.complete is not None:
+        args.complete = int(args.complete)
         ds = load_dataset(cfg.data.name, cfg.data.train_fraction, cfg.data.dir)
         split = ds.split("test" if "test" in ds.splits else "val")
         size = 1
@@ -267,7 +280,7 @@ def _cmd_sample(args, extra) -> int:
     try:
         msg = sample(model, n=args.n, temperature=args.temperature, seed=args.seed, out=args.out,
                      prompt=(args.prompt or "").encode("utf-8"), length=args.length, complete=complete,
-                     progress=bar.update if bar is not None else None)
+                     progress=bar.update if bar is not None else None, modality=modality)
     finally:
         if bar is not None:
             bar.close()

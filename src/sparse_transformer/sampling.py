@@ -32,9 +32,27 @@ def image_grid(images: np.ndarray, cols: int) -> bytes:
 def sample(
     model: SparseTransformer, *, n: int, temperature: float, seed: int, out: str | None,
     prompt: bytes = b"", length: int | None = None, complete: np.ndarray | None = None, progress=None,
+    modality: str = "text",
 ) -> str:
-    """Generate and write; returns a one-line summary (text samples themselves go to ``out`` or stdout)."""
+    """Generate and write; returns a one-line summary (text samples themselves go to ``out`` or stdout).
+
+    ``modality``: "text" (stdout or a file), "image" (one PNG grid; with
+    ``complete``: original, kept top half, completions), "audio" (one 12 kHz
+    WAV file, the samples one after another with a quarter second of silence).
+    """
     shape = model.cfg.data_shape
+    if modality == "audio":
+        from .data.formats import AUDIO_RATE, mu_law_encode, write_wav
+
+        if complete is not None:
+            raise ValueError("--complete is for image models")
+        length = length if length is not None else model.cfg.n_ctx - len(prompt)
+        x = generate(model, n, length, temperature=temperature, prompt=prompt, seed=seed, progress=progress)
+        gap = np.full(AUDIO_RATE // 4, mu_law_encode(np.zeros(1))[0], dtype=np.uint8)
+        codes = np.concatenate([c for row in x.cpu().numpy().astype(np.uint8) for c in (row, gap)][:-1])
+        path = Path(out or "samples.wav")
+        write_wav(path, codes)
+        return f"wrote {n} samples of {length} steps ({length / AUDIO_RATE:.2f} s each at {AUDIO_RATE} Hz) to {path}"
     if len(shape) == 3:  # images, raster order (row, column, channel)
         size = math.prod(shape)
         if model.cfg.n_ctx < size:

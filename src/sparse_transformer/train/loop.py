@@ -139,6 +139,7 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
                 "data_position": step,  # batches are a pure function of (seed, step)
                 "rng": _rng_state(device),
                 "config": cfg.to_dict(),
+                "modality": ds.modality,  # how `sample` writes its output: text, image or audio
             },
             ckpt_path,
         )
