@@ -94,3 +94,20 @@ def test_bench_sample_smoke(tmp_path):
     assert rows["fixed"]["cache_mb"] < rows["dense"]["cache_mb"]  # n_ctx 513: 33 blocks x 4 + 16 of 513
     r = run_cli("bench", "sample", "--positions", "64")
     assert r.returncode == 2 and "exactly two positions" in r.stderr
+
+
+def test_image_data_shape_drives_the_model(tmp_path):
+    data = tmp_path / "data" / "imgs"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 20), ("val", 4)):
+        (data / f"{split}.bin").write_bytes(rng.integers(0, 256, count * 48, dtype=np.uint8).tobytes())
+    (data / "meta.json").write_text(json.dumps({"name": "imgs", "modality": "image", "shape": [4, 4, 3],
+                                                "splits": {"train": 20 * 48, "val": 4 * 48}}))
+    said = []
+    cfg = build_config(None, None, SMALL + [("data.name", "imgs"), ("data.dir", str(tmp_path / "data")),
+                                            ("train.out_dir", str(tmp_path / "run"))])
+    train(cfg, show_progress=False, echo=said.append)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+    assert saved["data_shape"] == [4, 4, 3] and saved["stride"] == 12 and saved["n_ctx"] == 48
+    assert any("model.stride=12 (one row)" in s for s in said)

@@ -77,6 +77,23 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def adopt_image_shape(cfg: RunConfig, shape: list[int], echo=print) -> None:
+    """The data shape drives the model when model.data_shape is not given (sections 5.3, 7.1).
+
+    Sets model.data_shape to the images' shape, model.stride to one image row
+    (W * C: 96 for CIFAR-10, 28 for Fashion-MNIST) and model.n_ctx to one image,
+    and says so.
+    """
+    H, W, C = shape
+    cfg.model.data_shape = list(shape)
+    cfg.model.stride = W * C
+    cfg.model.n_ctx = H * W * C
+    cfg.model.c = min(cfg.model.c, cfg.model.stride)
+    cfg.validate()
+    echo(f"image data {H}x{W}x{C}: model.data_shape={H}x{W}x{C}, model.stride={W * C} (one row), "
+         f"model.n_ctx={H * W * C} (set model.data_shape yourself to choose otherwise)")
+
+
 def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, echo=print) -> dict:
     """Train as ``cfg`` says; returns a summary with the final validation bits per dim."""
     cfg.validate()
@@ -89,6 +106,11 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
     if t.precision == "float16" and device.type != "cuda":
         raise ValueError("train.precision float16 needs a CUDA device (dynamic loss scaling); use bfloat16 on the CPU")
 
+    ds = load_dataset(cfg.data.name, cfg.data.train_fraction, cfg.data.dir)
+    train_data, val_data = ds.split("train"), ds.split("val")
+    whole = math.prod(ds.shape) if ds.modality == "image" and ds.shape else 0
+    if ds.modality == "image" and ds.shape and not cfg.model.data_shape:
+        adopt_image_shape(cfg, ds.shape, echo)
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)  # a clear error if missing or corrupt; nothing is written before
@@ -98,9 +120,6 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
     elif ckpt_path.exists():
         raise ValueError(f"{ckpt_path} already exists; pass --resume to continue it or choose another --train.out_dir")
 
-    ds = load_dataset(cfg.data.name, cfg.data.train_fraction, cfg.data.dir)
-    train_data, val_data = ds.split("train"), ds.split("val")
-    whole = math.prod(ds.shape) if ds.modality == "image" and ds.shape else 0
 
     torch.manual_seed(t.seed)
     model = SparseTransformer(cfg.model).to(device)
