@@ -10,89 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli_bench import add_bench as _add_bench
+from .cli_bench import cmd_bench as _cmd_bench
+from .cli_common import Parser as _Parser
+from .cli_common import UsageError
 from .sysutil import tune_malloc
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: reported as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage; we keep it, and exit 2 as argparse does
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
-    return values
-
-
-def _add_bench(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
-    bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    att = bsub.add_parser(
-        "attention",
-        help="sparse vs dense causal attention: time, memory, FLOP rate",
-        description=(
-            "Times the forward and forward+backward of dense causal SDPA, Strided(~sqrt N) and "
-            "Fixed(128, 16), measures peak memory in a fresh process, and reports speedups over "
-            "dense and FLOP rates on the allowed pairs against a matrix product timed in the same run."
-        ),
-    )
-    att.add_argument("--n", type=_positive_ints, default=[4096, 16384, 65536], help="sequence lengths (default 4096,16384,65536)")
-    att.add_argument("--batch", type=int, default=1, help="B (default 1)")
-    att.add_argument("--heads", type=int, default=4, help="H (default 4)")
-    att.add_argument("--dim", type=int, default=64, help="head width D (default 64)")
-    att.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    att.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    att.add_argument("--cases", default=None, help="comma list: dense, strided[:l], fixed[:l[:c]], local:w (default dense,strided,fixed:128:16)")
-    att.add_argument("--max-dense-n", type=int, default=None, help="skip the dense baseline above this N")
-    att.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults")
-    att.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH", help="write the results as JSON to PATH (stdout without PATH)")
-
-    sa = bsub.add_parser(
-        "sample",
-        help="decoding with the sparse KV cache: time per token, generation vs recompute, cache size",
-        description="Times model.step at two positions, generation of --length tokens with the cache against "
-        "an estimate of recomputing the full forward pass per token, and the KV cache size against dense.",
-    )
-    sa.add_argument("--positions", type=_positive_ints, default=[1024, 16384], help="two positions (default 1024,16384)")
-    sa.add_argument("--length", type=int, default=4096, help="tokens to generate (default 4096)")
-    sa.add_argument("--layers", type=int, default=8)
-    sa.add_argument("--d-model", type=int, default=256)
-    sa.add_argument("--heads", type=int, default=4)
-    sa.add_argument("--stride", type=int, default=128)
-    sa.add_argument("-c", type=int, default=16)
-    sa.add_argument("--patterns", default="dense,strided,fixed")
-    sa.add_argument("--no-malloc-tuning", action="store_true")
-    sa.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
-
-    tr = bsub.add_parser(
-        "train",
-        help="time and peak memory of one training step, dense vs strided vs fixed",
-        description="Times forward+backward+AdamW on random bytes for the same model with each attention "
-        "pattern, each in a fresh process, and reports speedups over dense and peak memory.",
-    )
-    tr.add_argument("--n-ctx", type=int, default=8192, help="context length (default 8192)")
-    tr.add_argument("--layers", type=_positive_ints, default=[8], help="comma list of depths (default 8), e.g. 8,64 with --recompute")
-    tr.add_argument("--d-model", type=int, default=256)
-    tr.add_argument("--heads", type=int, default=4)
-    tr.add_argument("--batch", type=int, default=1)
-    tr.add_argument("--patterns", default="dense,strided,fixed", help="comma list of dense, local, strided, fixed")
-    tr.add_argument("--stride", type=int, default=None, help="stride (default: power of two nearest sqrt(n_ctx))")
-    tr.add_argument("-c", type=int, default=16, help="summary width of fixed (default 16)")
-    tr.add_argument("--recompute", action="store_true", help="gradient checkpointing of every block")
-    tr.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
-    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    tr.add_argument("--repeat", type=int, default=3)
-    tr.add_argument("--no-malloc-tuning", action="store_true")
-    tr.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
 
 
 def _add_train(sub) -> None:
@@ -344,76 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_bench(sub)
     return parser
-
-
-def _bench_device(name: str | None) -> str:
-    import torch
-
-    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise UsageError(f"--device must be cpu or cuda (with a CUDA device available), got {device!r}")
-    return device
-
-
-def _emit(result: dict, report, json_path: str | None) -> int:
-    """Print the table (unless JSON goes to stdout) and write the JSON."""
-    from .bench.common import write_json
-
-    if json_path != "-":
-        print(report(result))
-    if json_path:
-        write_json(result, json_path)
-    return 0
-
-
-def _cmd_bench(args, extra) -> int:
-    if extra:
-        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
-    import torch
-
-    if args.bench == "attention":
-        from .bench import attention as ba
-
-        device = _bench_device(args.device)
-        for name in ("batch", "heads", "dim"):
-            if getattr(args, name) < 1:
-                raise UsageError(f"--{name} must be >= 1")
-        result = ba.run(
-            args.n, B=args.batch, H=args.heads, D=args.dim, dtype=args.dtype, device=device,
-            cases=args.cases or ba.DEFAULT_CASES, max_dense_n=args.max_dense_n,
-            malloc_tuning=not args.no_malloc_tuning,
-            progress=lambda m: print(m, file=sys.stderr),
-        )
-        return _emit(result, ba.report, args.json)
-    if args.bench == "sample":
-        from .bench import sample as bs
-
-        if len(args.positions) != 2:
-            raise UsageError("--positions takes exactly two positions, e.g. 1024,16384")
-        pats = [p.strip() for p in args.patterns.split(",")]
-        bad = [p for p in pats if p not in ("dense", "local", "strided", "fixed")]
-        if bad:
-            raise UsageError(f"--patterns: unknown {', '.join(bad)}; allowed: dense, local, strided, fixed")
-        result = bs.run(positions=tuple(args.positions), gen_length=args.length, n_layer=args.layers,
-                        d_model=args.d_model, n_head=args.heads, stride=args.stride, c=args.c, patterns=pats,
-                        malloc_tuning=not args.no_malloc_tuning, progress=lambda m: print(m, file=sys.stderr))
-        return _emit(result, bs.report, args.json)
-    if args.bench == "train":
-        from .bench import train as bt
-
-        device = _bench_device(args.device)
-        pats = [p.strip() for p in args.patterns.split(",")]
-        bad = [p for p in pats if p not in ("dense", "local", "strided", "fixed")]
-        if bad:
-            raise UsageError(f"--patterns: unknown {', '.join(bad)}; allowed: dense, local, strided, fixed")
-        result = bt.run(
-            n_ctx=args.n_ctx, layers=args.layers, d_model=args.d_model, n_head=args.heads, batch=args.batch,
-            patterns=pats, stride=args.stride, c=args.c, recompute=args.recompute, precision=args.precision,
-            device=device, repeat=args.repeat, malloc_tuning=not args.no_malloc_tuning,
-            progress=lambda m: print(m, file=sys.stderr),
-        )
-        return _emit(result, bt.report, args.json)
-    raise UsageError(f"unknown benchmark {args.bench!r}")
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "data": _cmd_data, "bench": _cmd_bench}
