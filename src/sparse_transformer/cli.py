@@ -14,6 +14,7 @@ from .cli_bench import add_bench as _add_bench
 from .cli_bench import cmd_bench as _cmd_bench
 from .cli_common import Parser as _Parser
 from .cli_common import UsageError
+from .cli_pictures import add_pictures, cmd_plot, cmd_show_attention, cmd_show_pattern
 from .sysutil import tune_malloc
 
 
@@ -265,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_data(sub)
     _add_bench(sub)
+    add_pictures(sub)
     return parser
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "data": _cmd_data, "bench": _cmd_bench}
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "data": _cmd_data, "bench": _cmd_bench,
+            "show-pattern": cmd_show_pattern, "show-attention": cmd_show_attention, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

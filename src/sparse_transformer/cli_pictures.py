@@ -1,0 +1,112 @@
+"""``show-pattern``, ``show-attention`` and ``plot``: the command lines of pictures.py."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .cli_common import UsageError
+
+
+def add_pictures(sub) -> None:
+    sp = sub.add_parser(
+        "show-pattern", help="draw an attention pattern (the paper's Figure 3)",
+        description="Draws the n x n connectivity matrix (blue: query row i may attend key column j) and, beside "
+        "it, the positions one query attends to laid out in rows of --width (red: the query). One row of panels "
+        "per head with --heads and --distinct-heads (fixed), or per factor with --factors.",
+    )
+    sp.add_argument("pattern", choices=["dense", "local", "strided", "fixed"])
+    sp.add_argument("--stride", type=int, default=8, help="stride l (local: the window; default 8)")
+    sp.add_argument("-c", type=int, default=2, help="fixed: summary width c (default 2)")
+    sp.add_argument("-n", type=int, default=64, help="sequence length (default 64)")
+    sp.add_argument("--heads", type=int, default=1, help="draw this many heads (default 1)")
+    sp.add_argument("--distinct-heads", action="store_true", help="fixed: a different summary offset per head")
+    sp.add_argument("--factors", action="store_true", help="also draw each factor of the pattern")
+    sp.add_argument("--query", type=int, default=None, help="the query of the right-hand panel (default n-1)")
+    sp.add_argument("--width", type=int, default=None, help="row width of the right-hand panel (default the stride)")
+    sp.add_argument("--scale", type=int, default=None, help="pixels per cell (default: about 512 pixels across)")
+    sp.add_argument("-o", "--out", default="pattern.png")
+
+    sa = sub.add_parser(
+        "show-attention", help="draw a trained model's attention for one position (the paper's Figure 2)",
+        description="Runs CHECKPOINT on one example and draws the attention weights of query --position for every "
+        "layer (rows) and head (columns): red where the query attends, over the example in grey for image "
+        "models; text and audio are laid out in rows of the stride.",
+    )
+    sa.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
+    sa.add_argument("--position", type=int, required=True, help="the query position")
+    sa.add_argument("--index", type=int, default=0, help="which example (image) or window (text) of the split")
+    sa.add_argument("--split", default="val")
+    sa.add_argument("--scale", type=int, default=4)
+    sa.add_argument("-o", "--out", default="attention.png")
+
+    pl = sub.add_parser("plot", help="training and validation curves of one or more runs",
+                        description="Reads RUN_DIR/metrics.jsonl of each run and plots bits per dim against step.")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--labels", default=None, help="comma list, one per run (default: the folder names)")
+    pl.add_argument("-o", "--out", default="curves.png")
+
+
+def cmd_show_pattern(args, extra) -> int:
+    from . import patterns as P
+    from .pictures import write_pattern
+
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+    if not 1 <= args.n <= 4096:
+        raise UsageError(f"-n must be in [1, 4096] for a picture, got {args.n}")
+    if args.heads < 1:
+        raise UsageError("--heads must be >= 1")
+    pattern = {"dense": lambda: P.Dense(), "local": lambda: P.Local(args.stride), "strided": lambda: P.Strided(args.stride),
+               "fixed": lambda: P.Fixed(args.stride, args.c, distinct_heads=args.distinct_heads)}[args.pattern]()
+    scale = args.scale or max(1, 512 // args.n)
+    w, h = write_pattern(args.out, pattern, args.n, heads=args.heads, factors=args.factors, query=args.query,
+                         width=args.width or (args.stride if args.pattern != "dense" else None), scale=scale)
+    print(f"wrote {args.out} ({w}x{h})", file=sys.stderr)
+    return 0
+
+
+def cmd_show_attention(args, extra) -> int:
+    import numpy as np
+    import torch
+
+    from .data import load_dataset
+    from .model import SparseTransformer
+    from .pictures import _png, attention_image, attention_weights
+    from .sysutil import atomic_write_bytes
+    from .train.checkpoint import load_checkpoint
+    from .train.config import RunConfig
+
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = RunConfig.from_dict(ckpt["config"])
+    model = SparseTransformer(cfg.model)
+    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
+    n = cfg.model.n_ctx
+    if not 0 <= args.position < n:
+        raise UsageError(f"--position must be in [0, {n - 1}], got {args.position}")
+    data = load_dataset(cfg.data.name, cfg.data.train_fraction, cfg.data.dir).split(args.split)
+    count = len(data) // n
+    if not 0 <= args.index < count:
+        raise UsageError(f"--index must be in [0, {count - 1}], got {args.index}")
+    x = np.asarray(data[args.index * n : (args.index + 1) * n])
+    weights = attention_weights(model, torch.from_numpy(x.astype(np.int64)), args.position)
+    shape = list(cfg.model.data_shape) if len(cfg.model.data_shape) == 3 else [-(-n // cfg.model.stride), cfg.model.stride, 1]
+    img = attention_image(weights, x, shape, args.position, scale=args.scale)
+    atomic_write_bytes(Path(args.out), _png(img))
+    print(f"wrote {args.out} ({img.shape[1]}x{img.shape[0]}): {weights.shape[0]} layers x {weights.shape[1]} heads",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args, extra) -> int:
+    from .pictures import plot_runs
+
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+    labels = args.labels.split(",") if args.labels else None
+    if labels and len(labels) != len(args.runs):
+        raise UsageError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+    rows = plot_runs([Path(r) for r in args.runs], args.out, labels)
+    print(f"wrote {args.out} ({rows} logged rows from {len(args.runs)} runs)", file=sys.stderr)
+    return 0
