@@ -16,6 +16,7 @@ from .cli_common import Parser as _Parser
 from .cli_common import UsageError
 from .cli_pictures import add_pictures, cmd_plot, cmd_show_attention, cmd_show_pattern
 from .sysutil import tune_malloc
+from .train.distributed import DistributedFailure
 
 
 def _add_train(sub) -> None:
@@ -32,7 +33,10 @@ def _add_train(sub) -> None:
         ),
         epilog="Settings: model.* (n_ctx, d_model, n_layer, n_head, pattern, stride, c, combine, ...), "
         "train.* (steps, batch_size, lr, warmup, precision, device, out_dir, ...), data.* (name, train_fraction). "
-        "An unknown setting is an error that lists the allowed ones.",
+        "An unknown setting is an error that lists the allowed ones. Under torchrun "
+        "(torchrun --nproc_per_node=N -m sparse_transformer train ...) training is data-parallel: "
+        "train.parallel ddp (default) or fsdp, train.grad_reduce_dtype, train.dist_timeout; "
+        "train.batch_size is the global batch.",
     )
     tr.add_argument("--preset", default=None, help="preset name (default quick, unless --config is given)")
     tr.add_argument("--config", default=None, metavar="FILE", help="a TOML file with [model], [train], [data] tables")
@@ -285,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"sparse-transformer: error: {e}", file=sys.stderr)
         return 2
+    except DistributedFailure as e:
+        print(f"sparse-transformer: error: {e}; the last checkpoint on disk is intact", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("sparse-transformer: interrupted", file=sys.stderr)
         return 130

@@ -36,10 +36,14 @@ class TrainConfig:
     eval_max_bytes: int = 0  # 0 = the whole split
     ckpt_every: int = 0  # 0 = only at the end
     time_limit: float = 0.0  # seconds of training; 0 = no limit
+    stop_at: int = 0  # stop (with a checkpoint) at this step, to --resume later; the schedule still runs to steps
     log_every: int = 10
     sample_bytes: int = 200  # a short sample at the end of a text run; 0 = none
     out_dir: str = "runs/quick"
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
+    parallel: str = "ddp"  # under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard)
+    grad_reduce_dtype: str = "float32"  # all-reduce gradients in float32 | bfloat16 | float16 (DDP comm hook)
+    dist_timeout: float = 300.0  # seconds a collective may wait for the other processes
 
 
 @dataclass
@@ -79,7 +83,7 @@ class RunConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be an integer >= 1, got {getattr(t, name)!r}")
-        for name in ("warmup", "eval_every", "ckpt_every", "eval_max_bytes", "sample_bytes", "threads"):
+        for name in ("warmup", "eval_every", "ckpt_every", "eval_max_bytes", "sample_bytes", "threads", "stop_at"):
             if not isinstance(getattr(t, name), int) or getattr(t, name) < 0:
                 raise ValueError(f"train.{name} must be an integer >= 0, got {getattr(t, name)!r}")
         if t.batch_size % t.grad_accum:
@@ -88,6 +92,12 @@ class RunConfig:
             raise ValueError(f"train.lr must be > 0, got {t.lr}")
         if t.precision not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"train.precision must be one of float32, bfloat16, float16, got {t.precision!r}")
+        if t.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
+        if t.grad_reduce_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"train.grad_reduce_dtype must be one of float32, bfloat16, float16, got {t.grad_reduce_dtype!r}")
+        if not t.dist_timeout > 0:
+            raise ValueError(f"train.dist_timeout must be > 0 seconds, got {t.dist_timeout}")
         if not 0 <= t.ema < 1:
             raise ValueError(f"train.ema must be in [0, 1), got {t.ema}")
         if not 0 < self.data.train_fraction < 1:

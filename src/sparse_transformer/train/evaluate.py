@@ -21,11 +21,14 @@ def autocast_context(device: torch.device, precision: str):
 @torch.no_grad()
 def evaluate(
     model: SparseTransformer, data: np.ndarray, *, batch_size: int = 8, precision: str = "float32",
-    max_bytes: int = 0, progress=None,
+    max_bytes: int = 0, progress=None, share: tuple[int, int] = (0, 1), reduce=None,
 ) -> dict:
     """Deterministic: fixed non-overlapping windows of n_ctx bytes from the start of ``data``.
 
     The last, shorter window is scored too, so every byte counts once.
+    ``share`` = (rank, world): score only every world-th batch, starting at
+    rank; ``reduce`` sums [nll] over the processes (then every process gets
+    the bits per dim of the whole split).
     """
     n_ctx = model.cfg.n_ctx
     device = next(model.parameters()).device
@@ -37,7 +40,9 @@ def evaluate(
     nll = 0.0
     starts = list(range(0, total - total % n_ctx, n_ctx))
     batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
-    tail = total % n_ctx
+    rank, world = share
+    batches = batches[rank::world]
+    tail = total % n_ctx if rank == world - 1 else 0  # the last, shorter window: one process scores it
     for idx in batches:
         x = torch.from_numpy(np.stack([np.asarray(data[s : s + n_ctx]) for s in idx]).astype(np.int64)).to(device)
         with autocast_context(device, precision):
@@ -51,5 +56,7 @@ def evaluate(
             logits = model(x)
         nll += F.cross_entropy(logits.float()[0], x[0], reduction="sum").item()
     model.train(was_training)
+    if reduce is not None:
+        nll = reduce([nll])[0]
     nats = nll / total
     return {"bits_per_dim": nats / math.log(2), "nats_per_dim": nats, "bytes": total, "n_ctx": n_ctx}

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..data import get_batch, load_dataset
 from ..model import ModelConfig, SparseTransformer
 from ..model.generate import generate
 from ..sysutil import atomic_write_text
 from .checkpoint import CKPT_NAME, atomic_torch_save, export_weights, load_checkpoint
+from . import distributed as D
 from .config import RunConfig
 from .evaluate import autocast_context, evaluate
 from .optim import EMA, lr_at, make_optimizer
@@ -95,16 +98,39 @@ def adopt_image_shape(cfg: RunConfig, shape: list[int], echo=print) -> None:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, echo=print) -> dict:
-    """Train as ``cfg`` says; returns a summary with the final validation bits per dim."""
+    """Train as ``cfg`` says; returns a summary with the final validation bits per dim.
+
+    Under torchrun this is one process of a data-parallel run (see
+    distributed.py): every process takes its share of each global batch, and
+    only rank 0 prints, logs and writes checkpoints (FSDP: every rank writes
+    its shards).
+    """
     cfg.validate()
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    d, device = D.setup(pick_device(t.device), t.parallel, t.dist_timeout)
+    ok = False
+    try:
+        summary = _train(cfg, d, device, resume, show_progress and d.main, echo if d.main else (lambda *_: None))
+        ok = True
+        return summary
+    finally:
+        D.teardown(d, ok)
+
+
+def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_progress: bool, echo) -> dict:
     t = cfg.train
     out = Path(t.out_dir)
     ckpt_path = out / CKPT_NAME
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    device = pick_device(t.device)
     if t.precision == "float16" and device.type != "cuda":
         raise ValueError("train.precision float16 needs a CUDA device (dynamic loss scaling); use bfloat16 on the CPU")
+    if t.batch_size % (d.world * t.grad_accum):
+        raise ValueError(f"train.batch_size={t.batch_size} (global) must be divisible by the number of processes "
+                         f"({d.world}) x train.grad_accum ({t.grad_accum})")
+    fsdp = d.enabled and d.parallel == "fsdp"
+    if fsdp and t.ema:
+        raise ValueError("train.ema is not supported with train.parallel = fsdp; use ddp or set train.ema = 0")
 
     ds = load_dataset(cfg.data.name, cfg.data.train_fraction, cfg.data.dir)
     train_data, val_data = ds.split("train"), ds.split("val")
@@ -117,19 +143,25 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
         saved = ckpt["config"]["model"]
         if saved != cfg.to_dict()["model"]:
             raise ValueError(f"the model settings differ from the checkpoint in {out}; resume with the same model.* settings")
+        if fsdp and not ckpt.get("shards"):
+            raise ValueError(f"{ckpt_path} was written without FSDP; resume it with train.parallel = ddp")
     elif ckpt_path.exists():
         raise ValueError(f"{ckpt_path} already exists; pass --resume to continue it or choose another --train.out_dir")
 
-
     torch.manual_seed(t.seed)
     model = SparseTransformer(cfg.model).to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])  # before wrapping: FSDP shards what it is given
+    net = D.wrap(model, d, device, t.grad_reduce_dtype)  # run forward/backward through this
     opt = make_optimizer(model, t, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "float16")
     ema = EMA(model, t.ema) if t.ema else None
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("shards"):  # torch.distributed.checkpoint reshards to this run's processes
+            D.fsdp_load(model, opt, out / ckpt["shards"])
+        else:
+            opt.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema"):
@@ -137,39 +169,59 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
         start = int(ckpt["step"])
         _set_rng_state(ckpt["rng"], device)
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    log = MetricsLog(out, start if resume else None)
-    n_params = model.num_params()
+    log = None
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        log = MetricsLog(out, start if resume else None)
+    D.barrier(d)
+    n_params = sum(p.numel() for p in model.parameters())
     if start == 0:
         echo(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, d {cfg.model.d_model}, "
              f"{cfg.model.pattern} ({cfg.model.combine}), context {cfg.model.n_ctx}; data {ds.name}: "
-             f"{len(train_data):,} train / {len(val_data):,} val bytes; device {device}")
+             f"{len(train_data):,} train / {len(val_data):,} val bytes; device {device}"
+             + (f"; {d.world} processes ({d.parallel})" if d.enabled else ""))
 
     def save(step: int) -> None:
-        atomic_torch_save(
-            {
-                "format": 1,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "ema": ema.state_dict() if ema else {},
-                "step": step,
-                "data_position": step,  # batches are a pure function of (seed, step)
-                "rng": _rng_state(device),
-                "config": cfg.to_dict(),
-                "modality": ds.modality,  # how `sample` writes its output: text, image or audio
-            },
-            ckpt_path,
-        )
+        state = {
+            "format": 1,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "ema": ema.state_dict() if ema else {},
+            "step": step,
+            "data_position": step,  # batches are a pure function of (seed, step, rank, world)
+            "rng": _rng_state(device),
+            "config": cfg.to_dict(),
+            "modality": ds.modality,  # how `sample` writes its output: text, image or audio
+            "world_size": d.world,
+        }
+        if fsdp:  # shards first, in a fresh folder; then ckpt.pt points to it; then older shards go
+            shards = f"ckpt-shards-{step:08d}"
+            if d.main:
+                shutil.rmtree(out / shards, ignore_errors=True)
+            D.barrier(d)
+            state["model"] = D.fsdp_save(model, opt, out / shards)
+            state["shards"] = shards
+            D.barrier(d)
+            if d.main:
+                atomic_torch_save(state, ckpt_path)
+                D.prune_shard_folders(out, shards)
+        elif d.main:
+            state.update(model=model.state_dict(), optimizer=opt.state_dict())
+            atomic_torch_save(state, ckpt_path)
+        D.barrier(d)
 
     def run_eval(step: int) -> dict:
         if ema:
             ema.swap(model)
-        res = evaluate(model, val_data, batch_size=max(1, t.batch_size // t.grad_accum), precision=t.precision, max_bytes=t.eval_max_bytes)
+        # DDP: each process scores its share of the windows; FSDP: every process runs every window.
+        share = (0, 1) if fsdp else (d.rank, d.world)
+        res = evaluate(model, val_data, batch_size=max(1, t.batch_size // t.grad_accum // d.world),
+                       precision=t.precision, max_bytes=t.eval_max_bytes, share=share,
+                       reduce=None if fsdp else (lambda v: D.sum_(v, d, device)))
         if ema:
             ema.swap(model)
-        log.log({"step": step, "val_bpb": res["bits_per_dim"], "val_bytes": res["bytes"]})
+        if log:
+            log.log({"step": step, "val_bpb": res["bits_per_dim"], "val_bytes": res["bytes"]})
         return res
 
     tokens_per_step = t.batch_size * cfg.model.n_ctx
@@ -189,14 +241,17 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
                 group["lr"] = lr
             loss_sum = 0.0
             for micro in range(t.grad_accum):
-                x = get_batch(train_data, cfg.model.n_ctx, t.seed, step, t.batch_size, micro=micro,
-                              n_micro=t.grad_accum, whole_examples=whole).to(device, non_blocking=True)
-                with autocast_context(device, t.precision):
-                    loss = model.loss(x) / t.grad_accum
-                scaler.scale(loss).backward()
+                x = get_batch(train_data, cfg.model.n_ctx, t.seed, step, t.batch_size, rank=d.rank, world=d.world,
+                              micro=micro, n_micro=t.grad_accum, whole_examples=whole).to(device, non_blocking=True)
+                with D.sync_gradients(net, d, micro == t.grad_accum - 1):
+                    with autocast_context(device, t.precision):
+                        logits = net(x)  # (b, T, 256)
+                        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1)) / t.grad_accum
+                    scaler.scale(loss).backward()
                 loss_sum += loss.item()
+            loss_sum = D.mean(loss_sum, d, device)  # the global batch's loss, the same on every process
             scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+            gnorm = D.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
             scaler.step(opt)  # skipped by the scaler when float16 gradients overflowed
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -204,7 +259,7 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
                 ema.update(model)
             losses.append(loss_sum)
             done = step + 1
-            if done % t.log_every == 0 or done == t.steps:
+            if log and (done % t.log_every == 0 or done == t.steps):
                 now = time.perf_counter()
                 tok_s = (done - last_step) * tokens_per_step / max(now - last_log, 1e-9)
                 last_log, last_step = now, done
@@ -220,8 +275,14 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
                 echo(f"step {done}: val {res['bits_per_dim']:.4f} bits/dim")
             if t.ckpt_every and done % t.ckpt_every == 0:
                 save(done)
-            if t.time_limit and time.perf_counter() - t0 >= t.time_limit:
+            stop = bool(t.time_limit and time.perf_counter() - t0 >= t.time_limit)
+            if d.enabled and t.time_limit:  # every process stops at the same step
+                stop = D.mean(float(stop), d, device) > 0
+            if stop:
                 echo(f"time limit of {t.time_limit:.0f} s reached at step {done}")
+                break
+            if t.stop_at and done >= t.stop_at:
+                echo(f"stopping at step {done} (train.stop_at); continue with --resume")
                 break
     finally:
         if bar:
@@ -230,8 +291,14 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
     final_step = step + 1 if t.steps > start else start
     save(final_step)
     res = run_eval(final_step)
-    eval_state = ema.state_dict() if ema else model.state_dict()
-    export_weights({k: v for k, v in eval_state.items()}, cfg.to_dict(), out)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        eval_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        eval_state = ema.state_dict() if ema else model.state_dict()
+    if d.main:
+        export_weights({k: v for k, v in eval_state.items()}, cfg.to_dict(), out)
     summary = {
         "steps": final_step, "train_seconds": train_time, "val_bits_per_dim": res["bits_per_dim"],
         "val_bytes": res["bytes"], "parameters": n_params, "out_dir": str(out),
@@ -239,7 +306,7 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
     }
     echo(f"validation: {res['bits_per_dim']:.4f} bits per byte over {res['bytes']:,} bytes "
          f"after {final_step} steps ({train_time:.0f} s); checkpoint {ckpt_path}")
-    if ds.modality == "text" and t.sample_bytes:
+    if ds.modality == "text" and t.sample_bytes and d.main and not fsdp:
         if ema:
             ema.swap(model)
         n = min(t.sample_bytes, cfg.model.n_ctx - 1)
@@ -249,6 +316,7 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
         text = bytes(sample).decode("utf-8", errors="replace")
         summary["sample"] = text
         echo("sample:\n" + text)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log.close()
+    if d.main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        log.close()
     return summary

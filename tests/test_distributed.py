@@ -1,0 +1,132 @@
+"""Data-parallel training with torchrun on the CPU (gloo): same losses as one process, resume with another
+number of processes, and a dead rank ending the run cleanly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_transformer.train.config import build_config
+from sparse_transformer.train.loop import train
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+BASE = [("model.n_ctx", "64"), ("model.d_model", "32"), ("model.n_layer", "2"), ("model.n_head", "2"),
+        ("model.stride", "8"), ("model.dropout", "0"), ("train.batch_size", "4"), ("train.warmup", "2"),
+        ("train.eval_max_bytes", "2000"), ("train.sample_bytes", "0"), ("train.log_every", "1"),
+        ("train.steps", "20"), ("train.threads", "1")]
+
+
+def torchrun(n: int, out: Path, *extra: tuple[str, str], wait: bool = True):
+    args = [f"--{k}={v}" for k, v in BASE + [("train.out_dir", str(out)), *extra]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "sparse_transformer", "train", "--no-progress", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def one_process(out: Path, *extra, resume=False):
+    cfg = build_config(None, None, BASE + [("train.out_dir", str(out)), *extra])
+    return train(cfg, resume=resume, show_progress=False, echo=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    one_process(out)
+    return out
+
+
+def test_two_processes_match_one(single, tmp_path):
+    r = torchrun(2, tmp_path / "ddp")
+    a, b = losses(single), losses(tmp_path / "ddp")
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5, (a, b)
+    assert r.stdout.count("validation:") == 1  # rank 0 alone prints
+    ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 20
+
+
+def test_grad_accumulation_and_float16_reduce(single, tmp_path):
+    torchrun(2, tmp_path / "acc", ("train.grad_accum", "2"))
+    a, b = losses(single), losses(tmp_path / "acc")
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+    torchrun(2, tmp_path / "fp16", ("train.grad_reduce_dtype", "float16"), ("train.steps", "20"))
+    c = losses(tmp_path / "fp16")
+    assert abs(c[1] - a[1]) < 1e-6  # the first loss precedes any update
+    assert 0 < max(abs(c[s] - a[s]) for s in a) < 0.05  # float16 gradients: close, not equal
+
+
+def test_resume_two_processes_with_one(single, tmp_path):
+    out = tmp_path / "resumed"
+    torchrun(2, out, ("train.stop_at", "10"))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 10
+    one_process(out, resume=True)
+    a, b = losses(single), losses(out)
+    assert sorted(b) == list(range(1, 21))
+    assert max(abs(a[s] - b[s]) for s in range(11, 21)) < 1e-5, (a, b)
+
+
+def test_fsdp_matches_and_resumes_with_one_process(single, tmp_path):
+    out = tmp_path / "fsdp"
+    torchrun(2, out, ("train.parallel", "fsdp"), ("train.stop_at", "10"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["shards"] == "ckpt-shards-00000010" and (out / ckpt["shards"]).is_dir()
+    one_process(out, ("train.parallel", "fsdp"), resume=True)  # one process reads the two processes' shards
+    a, b = losses(single), losses(out)
+    assert max(abs(a[s] - b[s]) for s in range(1, 21)) < 1e-5, (a, b)
+
+
+def _worker_pids(rank: int) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes()
+            env = (p / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sparse_transformer" in cmd and b"torch.distributed.run" not in cmd and f"RANK={rank}".encode() in env:
+            pids.append(int(p.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_a_dead_rank_stops_the_run_and_the_checkpoint_loads(tmp_path):
+    out = tmp_path / "killed"
+    proc = torchrun(2, out, ("train.steps", "100000"), ("train.ckpt_every", "2"), wait=False)
+    try:
+        deadline = time.time() + 120
+        while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (out / "ckpt.pt").exists(), "no checkpoint was written"
+        pids = _worker_pids(1)
+        assert pids, "rank 1 not found"
+        t0 = time.time()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert time.time() - t0 < 60
+        assert "lost contact with another process" in err or "ChildFailedError" in err, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] >= 2 and "model" in ckpt
