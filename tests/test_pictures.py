@@ -1,4 +1,3 @@
-import json
 import subprocess
 import sys
 
@@ -8,6 +7,7 @@ from PIL import Image
 
 from sparse_transformer import patterns as P
 from sparse_transformer.pictures import ALLOWED, EMPTY, GAP, QUERY, pattern_image
+from helpers import tiny_images
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
 
@@ -54,13 +54,7 @@ def test_show_pattern_cli_heads_and_factors(tmp_path):
 
 
 def test_show_attention_and_plot(tmp_path):
-    data = tmp_path / "data" / "imgs"
-    data.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 20), ("val", 4)):
-        (data / f"{split}.bin").write_bytes(rng.integers(0, 256, count * 48, dtype=np.uint8).tobytes())
-    (data / "meta.json").write_text(json.dumps({"name": "imgs", "modality": "image", "shape": [4, 4, 3],
-                                                "splits": {"train": 20 * 48, "val": 4 * 48}}))
+    tiny_images(tmp_path / "data")
     runs = []
     for pattern in ("dense", "strided"):
         run = tmp_path / pattern

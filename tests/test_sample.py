@@ -5,6 +5,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from helpers import tiny_images
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
 
@@ -29,13 +30,7 @@ def test_sample_text(tmp_path):
 
 
 def test_sample_images_and_completion(tmp_path):
-    data = tmp_path / "data" / "tiny-images"
-    data.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 40), ("val", 4), ("test", 4)):
-        (data / f"{split}.bin").write_bytes(rng.integers(0, 256, count * 48, dtype=np.uint8).tobytes())
-    (data / "meta.json").write_text(json.dumps({"name": "tiny-images", "modality": "image", "shape": [4, 4, 3],
-                                                "splits": {"train": 40 * 48, "val": 4 * 48, "test": 4 * 48}}))
+    data = tiny_images(tmp_path / "data", "tiny-images", counts=(("train", 40), ("val", 4), ("test", 4)))
     run = tmp_path / "run"
     cfg = build_config(None, None, SMALL + [
         ("model.n_ctx", "48"), ("model.stride", "12"), ("model.data_shape", "4x4x3"), ("data.name", "tiny-images"),
@@ -97,13 +92,7 @@ def test_bench_sample_smoke(tmp_path):
 
 
 def test_image_data_shape_drives_the_model(tmp_path):
-    data = tmp_path / "data" / "imgs"
-    data.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 20), ("val", 4)):
-        (data / f"{split}.bin").write_bytes(rng.integers(0, 256, count * 48, dtype=np.uint8).tobytes())
-    (data / "meta.json").write_text(json.dumps({"name": "imgs", "modality": "image", "shape": [4, 4, 3],
-                                                "splits": {"train": 20 * 48, "val": 4 * 48}}))
+    tiny_images(tmp_path / "data")
     said = []
     cfg = build_config(None, None, SMALL + [("data.name", "imgs"), ("data.dir", str(tmp_path / "data")),
                                             ("train.out_dir", str(tmp_path / "run"))])

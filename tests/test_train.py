@@ -5,7 +5,6 @@ import sys
 import pytest
 import torch
 
-from sparse_transformer.cli import main
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
 

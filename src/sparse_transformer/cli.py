@@ -102,14 +102,9 @@ def _cmd_train(args, extra) -> int:
 
 
 def _cmd_eval(args, extra) -> int:
-    import json
-    from pathlib import Path
-
-    import torch
-
     from .bench.common import write_json
     from .data import load_dataset
-    from .model import ModelConfig, SparseTransformer
+    from .model import SparseTransformer
     from .train.checkpoint import load_checkpoint, resolve
     from .train.config import RunConfig
     from .train.evaluate import evaluate

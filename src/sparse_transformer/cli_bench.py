@@ -139,8 +139,6 @@ def _emit(result: dict, report, json_path: str | None) -> int:
 def cmd_bench(args, extra) -> int:
     if extra:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
-    import torch
-
     if args.bench == "attention":
         from .bench import attention as ba
 
@@ -160,10 +158,7 @@ def cmd_bench(args, extra) -> int:
 
         if len(args.positions) != 2:
             raise UsageError("--positions takes exactly two positions, e.g. 1024,16384")
-        pats = [p.strip() for p in args.patterns.split(",")]
-        bad = [p for p in pats if p not in ("dense", "local", "strided", "fixed")]
-        if bad:
-            raise UsageError(f"--patterns: unknown {', '.join(bad)}; allowed: dense, local, strided, fixed")
+        pats = _patterns(args.patterns)
         result = bs.run(positions=tuple(args.positions), gen_length=args.length, n_layer=args.layers,
                         d_model=args.d_model, n_head=args.heads, stride=args.stride, c=args.c, patterns=pats,
                         malloc_tuning=not args.no_malloc_tuning, progress=lambda m: print(m, file=sys.stderr))
@@ -172,10 +167,7 @@ def cmd_bench(args, extra) -> int:
         from .bench import train as bt
 
         device = _bench_device(args.device)
-        pats = [p.strip() for p in args.patterns.split(",")]
-        bad = [p for p in pats if p not in ("dense", "local", "strided", "fixed")]
-        if bad:
-            raise UsageError(f"--patterns: unknown {', '.join(bad)}; allowed: dense, local, strided, fixed")
+        pats = _patterns(args.patterns)
         result = bt.run(
             n_ctx=args.n_ctx, layers=args.layers, d_model=args.d_model, n_head=args.heads, batch=args.batch,
             patterns=pats, stride=args.stride, c=args.c, recompute=args.recompute, precision=args.precision,

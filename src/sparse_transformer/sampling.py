@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .model import SparseTransformer
 from .model.generate import generate

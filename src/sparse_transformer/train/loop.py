@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import get_batch, load_dataset
-from ..model import ModelConfig, SparseTransformer
+from ..model import SparseTransformer
 from ..model.generate import generate
 from ..sysutil import atomic_write_text
 from .checkpoint import CKPT_NAME, atomic_torch_save, export_weights, load_checkpoint
