@@ -52,12 +52,12 @@ def add_bench(sub) -> None:
         description="Trains the same model with dense, strided and fixed attention for the same steps on the "
         "same data (text: tiny-shakespeare, context 2048, stride 64; images: Fashion-MNIST, 784 pixels, stride 28), "
         "then reports validation bits per dim and seconds per iteration, with xz/bz2/zlib on the same validation "
-        "bytes as a floor. Default size: 4 layers, d 128, 4 heads, batch 4, 600 steps for text and 1500 for "
-        "images (about 30 minutes per modality on a 2-core CPU). --quick: 2 layers, d 32, 10 steps, for a smoke test.",
+        "bytes as a floor. Default size: 4 layers, d 128, 4 heads; text 2000 steps of batch 1, images 1500 "
+        "steps of batch 4 (about 30 minutes per modality on a 2-core CPU). --quick: 2 layers, d 32, 10 steps, for a smoke test.",
     )
     cp.add_argument("--modalities", default="text,images", help="comma list of text, images (default both)")
     cp.add_argument("--patterns", default="dense,strided,fixed")
-    cp.add_argument("--steps", type=int, default=None, help="training steps per model (default 600 text, 1500 images; --quick 10)")
+    cp.add_argument("--steps", type=int, default=None, help="training steps per model (default 2000 text, 1500 images; --quick 10)")
     cp.add_argument("--quick", action="store_true", help="tiny models and few steps (CI-sized)")
     cp.add_argument("--data-dir", default="data", help="where prepared datasets live (fashion-mnist must be prepared)")
     cp.add_argument("--out-dir", default=None, help="keep the runs here (default: a temporary folder)")

@@ -30,10 +30,11 @@ from .common import machine_info, table
 
 # Per modality: the data, the model's layout and the attention settings (stride ~ sqrt(n_ctx); a row for images).
 MODALITIES = {
-    "text": {"data": "shakespeare", "n_ctx": 2048, "stride": 64, "c": 16, "data_shape": None, "steps": 600},
-    "images": {"data": "fashion-mnist", "n_ctx": 784, "stride": 28, "c": 7, "data_shape": "28x28x1", "steps": 1500},
+    "text": {"data": "shakespeare", "n_ctx": 2048, "stride": 64, "c": 16, "data_shape": None, "steps": 2000, "batch": 1},
+    "images": {"data": "fashion-mnist", "n_ctx": 784, "stride": 28, "c": 7, "data_shape": "28x28x1", "steps": 1500,
+               "batch": 4},
 }
-FULL = {"d_model": 128, "n_layer": 4, "n_head": 4, "steps": 0, "batch_size": 4, "eval_bytes": 0}  # steps: per modality
+FULL = {"d_model": 128, "n_layer": 4, "n_head": 4, "steps": 0, "batch_size": 0, "eval_bytes": 0}  # 0: per modality
 QUICK = {"d_model": 32, "n_layer": 2, "n_head": 2, "steps": 10, "batch_size": 2, "eval_bytes": 4 * 784}
 
 
@@ -59,6 +60,7 @@ def run_compare(
     for modality in modalities:
         m = MODALITIES[modality]
         n_steps = size["steps"] or m["steps"]
+        batch = size["batch_size"] or m["batch"]
         ds = load_dataset(m["data"], data_dir=data_dir)  # a clear error when it is not prepared
         val = np.asarray(ds.split("val"))
         n_eval = size["eval_bytes"] or len(val)
@@ -72,7 +74,7 @@ def run_compare(
                 ("model.n_ctx", str(n_ctx)), ("model.stride", str(stride)), ("model.c", str(min(m["c"], stride))),
                 ("model.pattern", pattern), ("model.d_model", str(size["d_model"])),
                 ("model.n_layer", str(size["n_layer"])), ("model.n_head", str(size["n_head"])),
-                ("train.steps", str(n_steps)), ("train.batch_size", str(size["batch_size"])),
+                ("train.steps", str(n_steps)), ("train.batch_size", str(batch)),
                 ("train.warmup", str(max(1, n_steps // 10))), ("train.eval_every", "0"),
                 ("train.eval_max_bytes", str(n_eval)), ("train.sample_bytes", "0"), ("train.time_limit", "0"),
                 ("train.log_every", str(max(1, n_steps // 20))),
@@ -82,7 +84,7 @@ def run_compare(
                 overrides.append(("model.data_shape", m["data_shape"]))
             cfg = build_config("quick", None, overrides)
             summary = train(cfg, show_progress=False, echo=lambda *_: None)
-            row = {"modality": modality, "model": pattern, "n_ctx": n_ctx, "stride": stride,
+            row = {"modality": modality, "model": pattern, "n_ctx": n_ctx, "stride": stride, "batch": batch,
                    "steps": summary["steps"], "s_per_iter": summary["train_seconds"] / max(summary["steps"], 1),
                    "val_bits_per_dim": summary["val_bits_per_dim"], "val_bytes": summary["val_bytes"],
                    "parameters": summary["parameters"], "run_dir": summary["out_dir"]}
@@ -149,9 +151,8 @@ def run_context(checkpoint: str, *, contexts: list[int] | None = None, max_bytes
 
 def report_compare(result: dict) -> str:
     c = result["config"]
-    head = (f"compare: {c['n_layer']} layers, d {c['d_model']}, {c['n_head']} heads, batch {c['batch_size']}"
-            f"{' (quick)' if c['quick'] else ''}")
-    cols = [("modality", "data"), ("model", "model"), ("n_ctx", "context"), ("steps", "steps"),
+    head = f"compare: {c['n_layer']} layers, d {c['d_model']}, {c['n_head']} heads{' (quick)' if c['quick'] else ''}"
+    cols = [("modality", "data"), ("model", "model"), ("n_ctx", "context"), ("batch", "batch"), ("steps", "steps"),
             ("s_per_iter", "s/iter"), ("val_bits_per_dim", "val bits/dim"), ("xz", "xz"), ("bz2", "bz2"), ("zlib", "zlib")]
     return head + "\n" + table(result["results"], cols)
 
