@@ -13,7 +13,7 @@ import numpy as np
 from .cli_bench import add_bench as _add_bench
 from .cli_bench import cmd_bench as _cmd_bench
 from .cli_common import Parser as _Parser
-from .cli_common import UsageError
+from .cli_common import UsageError, size_arg
 from .cli_pictures import add_pictures, cmd_plot, cmd_show_attention, cmd_show_pattern
 from .sysutil import tune_malloc
 from .train.distributed import DistributedFailure
@@ -210,16 +210,6 @@ def _cmd_sample(args, extra) -> int:
     return 0
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        parts = [int(x) for x in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or one number, got {text!r}") from None
-    if len(parts) not in (1, 2) or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or one number, got {text!r}")
-    return (parts[0], parts[-1])
-
-
 def _add_data(sub) -> None:
     data = sub.add_parser("data", help="prepare datasets as uint8 .bin files + meta.json")
     dsub = data.add_subparsers(dest="data", required=True, parser_class=_Parser)
@@ -237,7 +227,7 @@ def _add_data(sub) -> None:
     prep.add_argument("name", help="enwik8, shakespeare, cifar10, imagenet64, fashion-mnist, text, images or audio")
     prep.add_argument("--from", dest="source", default=None, metavar="PATH", help="import this local copy (file, folder or archive) instead of downloading")
     prep.add_argument("--dir", dest="data_dir", default="data", help="where prepared datasets live (default data/)")
-    prep.add_argument("--size", type=_size, default=None, metavar="HxW", help="images: the size every image must have (default: the first image's)")
+    prep.add_argument("--size", type=size_arg, default=None, metavar="HxW", help="images: the size every image must have (default: the first image's)")
     prep.add_argument("--channels", type=int, choices=[1, 3], default=3, help="images: 1 (grayscale) or 3 (RGB, default)")
     prep.add_argument("--fraction", type=float, default=0.9, help="text, images, audio: training share (default 0.9)")
     prep.add_argument("--mirror", default=None, metavar="URL", help="download the files from URL/FILE instead of their canonical location")

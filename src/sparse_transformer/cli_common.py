@@ -25,3 +25,11 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def size_arg(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(x) for x in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or one number, got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or one number, got {text!r}")
+    return (parts[0], parts[-1])

@@ -15,6 +15,7 @@ at all, and an existing prepared dataset is never overwritten.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -168,8 +169,6 @@ def _enwik8(path: Path, fraction: float) -> tuple[dict, dict]:
         raw = path.read_bytes()
     else:
         raise ValueError(f"{path}: expected enwik8 or enwik8.zip")
-    import hashlib
-
     digest = hashlib.sha256(raw).hexdigest()
     if digest != ENWIK8_SHA256:
         raise ValueError(f"{path}: the sha256 of its content {digest[:16]}... is not enwik8's {ENWIK8_SHA256[:16]}...")
