@@ -54,7 +54,7 @@ def sparse_forward(q, k, v, plan: Plan, kernel: Kernel, scale: float):
     out = q.new_zeros(BH, N, D, dtype=acc)
     for sp, inputs, o, part_lse in results:
         w = torch.exp(part_lse.to(acc) - _rows(sp, safe))  # (BH, G, L)
-        sp.q_out(o.to(acc) * w[..., None], out)
+        sp.q_out_scaled(o, w, out)  # out[rows] += o * w, without a temporary
     # A row with no allowed key has output 0; +inf makes its softmax weights 0 in the backward.
     lse = torch.where(finite, lse, float("inf"))
     saved = [inputs for _, inputs, _, _ in results]

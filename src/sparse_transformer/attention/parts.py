@@ -71,10 +71,20 @@ class SubProblem:
     def kv_out(self, y: torch.Tensor, buf: torch.Tensor) -> None:
         _add_into(self.kv_in(buf), y, buf)
 
+    def q_out_scaled(self, y: torch.Tensor, w: torch.Tensor, buf: torch.Tensor) -> None:
+        """buf[rows] += y * w[..., None], with y [B*H, G, L, X] and w [B*H, G, L]."""
+        view = self.q_in(buf)
+        _check_view(view, buf)
+        view.addcmul_(y.reshape(view.shape), w.reshape(view.shape[:-1])[..., None])
 
-def _add_into(view: torch.Tensor, y: torch.Tensor, buf: torch.Tensor) -> None:
+
+def _check_view(view: torch.Tensor, buf: torch.Tensor) -> None:
     # The gather must be a view of buf, or the addition would be lost.
     assert view.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+
+
+def _add_into(view: torch.Tensor, y: torch.Tensor, buf: torch.Tensor) -> None:
+    _check_view(view, buf)
     view += y.reshape(view.shape)
 
 
