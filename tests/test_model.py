@@ -84,6 +84,26 @@ def test_half_size_qk_matches_reference_attention(monkeypatch):
     assert torch.allclose(m(x), fast, atol=1e-5)
 
 
+def test_checkpoints_with_separate_q_k_v_still_load():
+    """Weights saved when q, k and v were three layers load into the fused qkv layer."""
+    torch.manual_seed(0)
+    cfg = small(qk_ratio=0.5)
+    m = SparseTransformer(cfg)
+    torch.nn.init.normal_(m.head.weight)
+    old = {}
+    for name, t in m.state_dict().items():
+        if ".qkv." not in name:
+            old[name] = t
+            continue
+        prefix, kind = name.split(".qkv.")
+        for part, piece in zip("qkv", t.split([cfg.d_qk, cfg.d_qk, cfg.d_model])):
+            old[f"{prefix}.{part}.{kind}"] = piece.clone()
+    fresh = SparseTransformer(cfg)
+    fresh.load_state_dict(old)
+    x = torch.randint(0, 256, (2, 64))
+    assert torch.equal(fresh(x), m(x))
+
+
 def test_recompute_same_loss_and_grads_with_dropout():
     cfg = small(dropout=0.3)
     torch.manual_seed(0)

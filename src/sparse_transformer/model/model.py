@@ -56,11 +56,15 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_head, self.d_qk, self.d_v = cfg.n_head, cfg.d_qk, cfg.d_model
-        self.q = nn.Linear(cfg.d_model, cfg.d_qk)
-        self.k = nn.Linear(cfg.d_model, cfg.d_qk)
-        self.v = nn.Linear(cfg.d_model, cfg.d_model)
+        # q, k and v in one matrix product: [W_q; W_k; W_v], widths d_qk, d_qk, d_model.
+        self.qkv = nn.Linear(cfg.d_model, 2 * cfg.d_qk + cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.pattern = cfg.layer_patterns(layer)
+        self._register_load_state_dict_pre_hook(_join_qkv)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (..., C) -> q, k (..., d_qk) and v (..., C)."""
+        return self.qkv(x).split([self.d_qk, self.d_qk, self.d_v], dim=-1)
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -68,7 +72,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        q, k, v = (self.split(t) for t in self.project(x))
         scale = 1.0 / math.sqrt(q.shape[-1])
         if self.d_qk != self.d_v:
             # The fused kernels need one head width; zero columns leave q.k unchanged.
@@ -96,8 +100,7 @@ class Attention(nn.Module):
         """
         B, C = x.shape
         H = self.n_head
-        q = self.q(x).view(B, H, -1)
-        k_new, v_new = self.k(x).view(B, H, -1), self.v(x).view(B, H, -1)
+        q, k_new, v_new = (t.reshape(B, H, -1) for t in self.project(x))
         scale = 1.0 / math.sqrt(q.shape[-1])
         out = x.new_zeros(B, H, C // H)
         for heads, group in cache:
@@ -109,6 +112,14 @@ class Attention(nn.Module):
             scores = torch.einsum("bhd,bhkd->bhk", q[:, heads].float(), k.float()) * scale
             out[:, heads] = torch.einsum("bhk,bhkd->bhd", scores.softmax(-1), v.float()).to(out.dtype)
         return self.proj(out.reshape(B, C))
+
+
+def _join_qkv(state: dict, prefix: str, *args) -> None:
+    """Load checkpoints written before q, k and v shared one matrix (separate q, k, v layers)."""
+    for kind in ("weight", "bias"):
+        parts = [prefix + f"{name}.{kind}" for name in ("q", "k", "v")]
+        if all(p in state for p in parts):
+            state[prefix + f"qkv.{kind}"] = torch.cat([state.pop(p) for p in parts])
 
 
 def _head_groups(pattern, n_head: int):
