@@ -70,6 +70,32 @@ def test_resume_gives_identical_losses(tmp_path):
     assert all(a[s] == b[s] for s in a), (a, b)
 
 
+def test_time_schedule_decays_with_the_clock():
+    from sparse_transformer.train.optim import lr_at
+
+    c = build_config(None, None, [("train.steps", "1000"), ("train.warmup", "10"), ("train.lr", "1e-3"),
+                                  ("train.min_lr_ratio", "0.1"), ("train.time_limit", "100"), ("train.schedule", "time")])
+    assert lr_at(4, c.train, elapsed=99.0) == pytest.approx(5e-4)  # warmup goes by steps
+    assert lr_at(20, c.train, elapsed=50.0) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half the time: half the cosine
+    assert lr_at(20, c.train, elapsed=100.0) == pytest.approx(1e-4)  # time is up: the floor
+    assert lr_at(1000, c.train, elapsed=0.0) == pytest.approx(1e-4)  # the step count still ends it
+    c.train.schedule = "steps"
+    assert lr_at(20, c.train, elapsed=100.0) > 9.9e-4  # the clock is ignored
+
+
+def test_time_limit_spans_resumes(tmp_path):
+    c = tiny(tmp_path, ("train.time_limit", "1e6"), ("train.schedule", "time"), steps=4)
+    train(c, show_progress=False, echo=lambda *_: None)
+    spent = torch.load(tmp_path / "ckpt.pt", weights_only=True)["train_seconds"]
+    assert spent > 0
+    c.train.steps, c.train.time_limit = 8, spent  # the budget is already used up: one more step, then stop
+    said = []
+    summary = train(c, resume=True, show_progress=False, echo=said.append)
+    assert summary["steps"] == 5
+    assert any("time limit" in m for m in said)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["train_seconds"] > spent
+
+
 def test_existing_checkpoint_is_not_overwritten(tmp_path):
     train(tiny(tmp_path), show_progress=False, echo=lambda *_: None)
     before = (tmp_path / "ckpt.pt").read_bytes()
@@ -109,6 +135,8 @@ def test_cli_train_and_eval(tmp_path):
         (["train", "--data.name", "/nonexistent/file.txt", "--train.out_dir", "OUT"], "run `sparse-transformer data prepare"),
         (["eval", "/nonexistent/ckpt.pt"], "checkpoint not found"),
         (["bench", "attention", "--cases", "strided:x"], "bad case"),
+        (["train", "--train.schedule", "time"], "train.schedule = 'time' needs train.time_limit > 0"),
+        (["train", "--train.schedule", "epochs"], "train.schedule must be steps or time"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, message):

@@ -35,7 +35,8 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     eval_max_bytes: int = 0  # 0 = the whole split
     ckpt_every: int = 0  # 0 = only at the end
-    time_limit: float = 0.0  # seconds of training; 0 = no limit
+    time_limit: float = 0.0  # seconds of training (in all, over resumes); 0 = no limit
+    schedule: str = "steps"  # steps: cosine over train.steps | time: cosine over train.time_limit seconds
     stop_at: int = 0  # stop (with a checkpoint) at this step, to --resume later; the schedule still runs to steps
     log_every: int = 10
     sample_bytes: int = 200  # a short sample at the end of a text run; 0 = none
@@ -96,6 +97,12 @@ class RunConfig:
             raise ValueError(f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
         if t.grad_reduce_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"train.grad_reduce_dtype must be one of float32, bfloat16, float16, got {t.grad_reduce_dtype!r}")
+        if t.schedule not in ("steps", "time"):
+            raise ValueError(f"train.schedule must be steps or time, got {t.schedule!r}")
+        if t.schedule == "time" and not t.time_limit > 0:
+            raise ValueError("train.schedule = 'time' needs train.time_limit > 0 (the seconds the schedule spans)")
+        if t.time_limit < 0:
+            raise ValueError(f"train.time_limit must be >= 0 seconds, got {t.time_limit}")
         if not t.dist_timeout > 0:
             raise ValueError(f"train.dist_timeout must be > 0 seconds, got {t.dist_timeout}")
         if not 0 <= t.ema < 1:

@@ -168,6 +168,7 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
             ema.load_state_dict(ckpt["ema"])
         start = int(ckpt["step"])
         _set_rng_state(ckpt["rng"], device)
+    elapsed0 = float(ckpt.get("train_seconds", 0.0)) if ckpt is not None else 0.0  # time_limit spans resumes
 
     log = None
     if d.main:
@@ -193,6 +194,7 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
             "config": cfg.to_dict(),
             "modality": ds.modality,  # how `sample` writes its output: text, image or audio
             "world_size": d.world,
+            "train_seconds": elapsed0 + time.perf_counter() - t0,
         }
         if fsdp:  # shards first, in a fresh folder; then ckpt.pt points to it; then older shards go
             shards = f"ckpt-shards-{step:08d}"
@@ -232,11 +234,13 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
         bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True, leave=True)
     t0 = time.perf_counter()
     last_log, last_step, step = t0, start, start
+    elapsed = elapsed0  # training seconds so far; the same on every process
+    timed = bool(t.time_limit)
     losses = []
     model.train()
     try:
         for step in range(start, t.steps):
-            lr = lr_at(step, t)
+            lr = lr_at(step, t, elapsed)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
@@ -275,10 +279,9 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
                 echo(f"step {done}: val {res['bits_per_dim']:.4f} bits/dim")
             if t.ckpt_every and done % t.ckpt_every == 0:
                 save(done)
-            stop = bool(t.time_limit and time.perf_counter() - t0 >= t.time_limit)
-            if d.enabled and t.time_limit:  # every process stops at the same step
-                stop = D.mean(float(stop), d, device) > 0
-            if stop:
+            if timed:  # every process sees the same time: the same learning rate and the same last step
+                elapsed = D.mean(elapsed0 + time.perf_counter() - t0, d, device)
+            if timed and elapsed >= t.time_limit:
                 echo(f"time limit of {t.time_limit:.0f} s reached at step {done}")
                 break
             if t.stop_at and done >= t.stop_at:

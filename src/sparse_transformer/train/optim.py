@@ -18,12 +18,21 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup for ``warmup`` steps, then cosine decay to min_lr_ratio * lr at ``steps``."""
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup for ``warmup`` steps, then cosine decay to min_lr_ratio * lr at ``steps``.
+
+    With ``cfg.schedule == "time"`` the decay also follows the training time:
+    progress is the larger of the step fraction and ``elapsed / time_limit``, so
+    a run stopped by its time limit has finished its decay whatever the speed
+    of the machine.
+    """
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     span = max(1, cfg.steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / span)
+    progress = (step - cfg.warmup) / span
+    if cfg.schedule == "time":
+        progress = max(progress, elapsed / cfg.time_limit)
+    progress = min(1.0, progress)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
