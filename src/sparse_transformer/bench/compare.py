@@ -72,7 +72,7 @@ def run_compare(
         for pattern in patterns:
             overrides = [
                 ("model.n_ctx", str(n_ctx)), ("model.stride", str(stride)), ("model.c", str(min(m["c"], stride))),
-                ("model.pattern", pattern), ("model.d_model", str(size["d_model"])),
+                ("model.pattern", pattern), ("model.combine", "merged"), ("model.d_model", str(size["d_model"])),
                 ("model.n_layer", str(size["n_layer"])), ("model.n_head", str(size["n_head"])),
                 ("train.steps", str(n_steps)), ("train.batch_size", str(batch)),
                 ("train.warmup", str(max(1, n_steps // 10))), ("train.eval_every", "0"),

@@ -231,7 +231,9 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
     if show_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True, leave=True)
+        # A time-scheduled run ends with the clock, not at train.steps: no step total then.
+        bar = tqdm(total=None if t.schedule == "time" else t.steps, initial=start, unit="step",
+                   desc=f"{t.time_limit:.0f} s budget" if t.schedule == "time" else None, dynamic_ncols=True, leave=True)
     t0 = time.perf_counter()
     last_log, last_step, step = t0, start, start
     elapsed = elapsed0  # training seconds so far; the same on every process
@@ -270,9 +272,9 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
                 row = {"step": done, "loss": loss_sum, "bpb": loss_sum / math.log(2), "lr": lr,
                        "grad_norm": gnorm, "tok_s": tok_s, "time": now - t0}
                 log.log(row)
-                if bar:
+                if bar is not None:
                     bar.set_postfix(loss=f"{loss_sum:.3f}", bpb=f"{loss_sum / math.log(2):.3f}", tok_s=f"{tok_s:,.0f}")
-            if bar:
+            if bar is not None:
                 bar.update(1)
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 res = run_eval(done)
@@ -288,7 +290,7 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
                 echo(f"stopping at step {done} (train.stop_at); continue with --resume")
                 break
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
     train_time = time.perf_counter() - t0
     final_step = step + 1 if t.steps > start else start
