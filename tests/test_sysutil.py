@@ -18,4 +18,3 @@ def test_tune_malloc_applies_on_linux_and_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("SPARSE_TRANSFORMER_NO_MALLOC_TUNING", "1")
     off = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=True)
     assert off.stdout.strip() == "False"
-

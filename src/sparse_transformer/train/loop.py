@@ -231,9 +231,9 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
     if show_progress:
         from tqdm import tqdm
 
-        # A time-scheduled run ends with the clock, not at train.steps: no step total then.
-        bar = tqdm(total=None if t.schedule == "time" else t.steps, initial=start, unit="step",
-                   desc=f"{t.time_limit:.0f} s budget" if t.schedule == "time" else None, dynamic_ncols=True, leave=True)
+        by_time = t.schedule == "time"  # such a run ends with the clock, not at train.steps: no step total
+        bar = tqdm(total=None if by_time else t.steps, initial=start, unit="step",
+                   desc=f"{t.time_limit:.0f} s budget" if by_time else None, dynamic_ncols=True, leave=True)
     t0 = time.perf_counter()
     last_log, last_step, step = t0, start, start
     elapsed = elapsed0  # training seconds so far; the same on every process
@@ -283,9 +283,9 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
                 save(done)
             if timed:  # every process sees the same time: the same learning rate and the same last step
                 elapsed = D.mean(elapsed0 + time.perf_counter() - t0, d, device)
-            if timed and elapsed >= t.time_limit:
-                echo(f"time limit of {t.time_limit:.0f} s reached at step {done}")
-                break
+                if elapsed >= t.time_limit:
+                    echo(f"time limit of {t.time_limit:.0f} s reached at step {done}")
+                    break
             if t.stop_at and done >= t.stop_at:
                 echo(f"stopping at step {done} (train.stop_at); continue with --resume")
                 break
