@@ -8,7 +8,7 @@ from sparse_transformer import patterns as P
 
 from helpers import every_pattern
 
-BACKENDS = ["auto", "math"]
+BACKENDS = ["auto", "cpu", "math"]
 
 
 def rel_err(a, b):
@@ -60,6 +60,36 @@ def test_matches_reference_float32(pattern, N):
 @pytest.mark.parametrize("pattern", [P.Strided(16), P.Fixed(16, 4), P.Dense(), P.Local(10)], ids=repr)
 def test_matches_reference_low_precision(pattern, dtype):
     compare(pattern, 1, 2, 203, 32, dtype, "auto", 2e-2)
+
+
+NATIVE = [P.Strided(1), P.Strided(5), P.Strided(16), P.Local(1), P.Local(9), P.StridedColumns(6)]
+
+
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 100, 257])
+@pytest.mark.parametrize("D", [8, 16, 64])
+@pytest.mark.parametrize("pattern", NATIVE, ids=repr)
+def test_native_kernel_matches_reference(pattern, D, N):
+    compare(pattern, 2, 2, N, D, torch.float32, "native", 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_kernel_low_precision(dtype):
+    compare(P.Strided(16), 1, 2, 203, 32, dtype, "native", 2e-2)
+
+
+def test_native_kernel_long_and_per_head():
+    compare(P.Strided(64), 1, 3, 4100, 64, torch.float32, "native", 1e-5)
+    compare([P.Local(8), P.StridedColumns(8), P.Strided(8)], 2, 3, 90, 16, torch.float32, "native", 1e-5)
+    # a column of 600 keys: the column pass works on more keys than one tile
+    compare(P.Strided(4), 1, 1, 2400, 32, torch.float32, "native", 1e-5)
+
+
+def test_native_kernel_refuses_what_it_cannot_do():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="Strided, Local and StridedColumns patterns only"):
+        sp.attention(q, q, q, P.Fixed(4, 2), backend="native")
+    with pytest.raises(ValueError, match="computes in float32"):
+        sp.attention(q.double(), q.double(), q.double(), P.Strided(4), backend="native")
 
 
 def test_per_head_patterns():
@@ -155,3 +185,34 @@ def test_cuda_matches_reference(pattern, dtype, tol):
     got = run(*(t.cuda().to(dtype) for t in (q, k, v)), pattern, "auto", do.cuda().to(dtype))
     for a, b in zip(got, want):
         assert rel_err(a.cpu(), b) <= tol
+
+
+def test_auto_uses_the_native_kernel_on_cpu(monkeypatch):
+    from sparse_transformer.attention import core
+
+    calls = []
+    real = core.NativeFunction.apply
+    monkeypatch.setattr(core.NativeFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(1, 2, 40, 16)
+    sp.attention(q, q, q, P.Strided(8))
+    assert calls, "float32 Strided on the CPU should run on the native kernel"
+    calls.clear()
+    sp.attention(q, q, q, P.Strided(8), backend="cpu")
+    sp.attention(q, q, q, P.Fixed(8, 2))
+    assert not calls
+
+
+def test_native_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
+    from sparse_transformer.attention import native
+
+    monkeypatch.setattr(native, "_libs", {})
+    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SPARSE_TRANSFORMER_CACHE", str(tmp_path / "cache"))
+    q = torch.randn(1, 2, 40, 16, dtype=torch.float64).float()
+    with pytest.warns(RuntimeWarning, match="could not be built.*slower fused-SDPA"):
+        a = sp.attention(q, q, q, P.Strided(8))
+    b = sp.attention(q, q, q, P.Strided(8), backend="reference")
+    assert rel_err(a, b) < 1e-5
+    with pytest.raises(ValueError, match="could not be built"):
+        sp.attention(q, q, q, P.Strided(8), backend="native")

@@ -4,14 +4,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from ..patterns import Pattern
+from ..patterns import Local, Pattern, Strided, StridedColumns
+from . import native
 from .function import SparseAttentionFunction
 from .kernels import default_scale, select_kernel
+from .native import NativeFunction
 from .parts import make_plan, plan_key
 from .reference import reference_attention
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "math")
+BACKENDS = ("auto", "reference", "native", "cpu", "cuda", "math")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -33,6 +36,47 @@ def _check_inputs(q, k, v) -> None:
         raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
     if q.shape[2] < 1 or q.shape[3] < 1 or q.shape[0] < 1 or q.shape[1] < 1:
         raise ValueError(f"every dimension of [B, H, N, D] must be >= 1, got {tuple(q.shape)}")
+
+
+def native_args(pattern: Pattern) -> tuple[int, int, bool] | None:
+    """(local window, column stride, strict) for the native kernel, or None if it has no pass for ``pattern``."""
+    if isinstance(pattern, Strided):
+        return pattern.stride, pattern.stride, True
+    if isinstance(pattern, Local):
+        return pattern.window, 0, True
+    if isinstance(pattern, StridedColumns):
+        return 0, pattern.stride, False
+    return None
+
+
+def _use_native(q: torch.Tensor, pats: list[Pattern], backend: str):
+    """The native library if this call should run on it, else None (saying why when asked for it)."""
+    if backend not in ("auto", "native"):
+        return None
+    explicit = backend == "native"
+    if q.device.type != "cpu":
+        if explicit:
+            raise ValueError(f"backend 'native' needs CPU tensors, got device {q.device}")
+        return None
+    if q.dtype == torch.float64:
+        if explicit:
+            raise ValueError("backend 'native' computes in float32; float64 runs on backend 'cpu'")
+        return None  # float64 keeps its precision on the decomposition
+    unsupported = [p for p in pats if native_args(p) is None]
+    if unsupported:
+        if explicit:
+            raise ValueError(
+                f"backend 'native' computes Strided, Local and StridedColumns patterns only, got {unsupported[0]!r}"
+            )
+        return None  # Dense and Fixed run on the fused-SDPA decomposition, their designed path
+    if not native.enabled():
+        if explicit:
+            raise ValueError("backend 'native' is turned off by SPARSE_TRANSFORMER_NATIVE=0")
+        return None
+    lib = native.load(native.padded_dim(q.shape[-1]))
+    if lib is None and explicit:
+        raise ValueError("backend 'native': the kernel could not be built (see the warning)")
+    return lib
 
 
 def per_head_patterns(pattern: Pattern | Sequence[Pattern], n_head: int) -> list[Pattern]:
@@ -66,10 +110,13 @@ def attention(
     A Fixed pattern with ``distinct_heads`` gives head h its own summary offsets.
 
     backend:
-      "auto"      the fast path: the fused kernel of the device ("cpu" or "cuda"),
-                  "math" with a warning on other devices
+      "auto"      the fast path: on the CPU, the native kernel for Strided, Local and
+                  StridedColumns (float32 math; bfloat16/float16 inputs are computed in
+                  float32, float64 stays on the decomposition) and the fused-SDPA decomposition for the others; on CUDA, the
+                  decomposition on the fused SDPA kernel; "math" with a warning elsewhere
       "reference" dense masked softmax, O(N^2): the test oracle
-      "cpu", "cuda", "math"  the fast path with that kernel
+      "native"    the native CPU kernel (``attention/native.c``), or a ValueError
+      "cpu", "cuda", "math"  the decomposition (section 5.5) on that fused kernel
 
     The fast path never forms an N x N matrix: for strided and fixed patterns
     with stride ~ sqrt(N) it costs O(N sqrt(N)) time and memory.
@@ -78,26 +125,35 @@ def attention(
     _check_inputs(q, k, v)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    H, N, D = q.shape[1], q.shape[2], q.shape[3]
+    H, N, D, dtype = q.shape[1], q.shape[2], q.shape[3], q.dtype
     pats = per_head_patterns(pattern, H)
     if scale is None:
         scale = default_scale(D)
     if backend == "reference":
         return reference_attention(q, k, v, pats, scale)
-    kernel = select_kernel(q.device, backend)
+    lib = _use_native(q, pats, backend)
+    kernel = None if lib is not None else select_kernel(q.device, "auto" if backend == "native" else backend)
+
+    def run(q, k, v, p: Pattern, head: int) -> torch.Tensor:
+        if lib is None:
+            return SparseAttentionFunction.apply(q, k, v, make_plan(p, head, N), kernel, scale)
+        w, l, strict = native_args(p)
+        pad = native.padded_dim(D) - D  # zero columns change no score; the output's are cut off
+        q, k, v = (F.pad(t.float(), (0, pad)) if pad else t.float() for t in (q, k, v))
+        o = NativeFunction.apply(q, k, v, lib, w, l, strict, scale)
+        return (o[..., :D] if pad else o).to(dtype)
 
     groups: dict[tuple, list[int]] = {}
     for h, p in enumerate(pats):
         groups.setdefault(plan_key(p, h), []).append(h)
     if len(groups) == 1:
-        return SparseAttentionFunction.apply(q, k, v, make_plan(pats[0], 0, N), kernel, scale)
+        return run(q, k, v, pats[0], 0)
 
     out = torch.empty_like(q)
     outs = []
     for heads in groups.values():
         idx = torch.tensor(heads, device=q.device)
-        plan = make_plan(pats[heads[0]], heads[0], N)
-        o = SparseAttentionFunction.apply(q[:, idx], k[:, idx], v[:, idx], plan, kernel, scale)
+        o = run(q[:, idx], k[:, idx], v[:, idx], pats[heads[0]], heads[0])
         outs.append((idx, o))
     # index_copy keeps autograd: each head's output comes from exactly one group.
     for idx, o in outs:

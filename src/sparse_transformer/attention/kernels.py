@@ -161,7 +161,7 @@ def select_kernel(device: torch.device, backend: str) -> Kernel:
         if device.type != "cuda":
             raise ValueError(f"backend 'cuda' needs CUDA tensors, got device {device}")
         return CUDAEfficient()
-    raise ValueError(f"unknown backend {backend!r}; allowed: auto, reference, cpu, cuda, math")
+    raise ValueError(f"unknown backend {backend!r}; allowed: auto, reference, native, cpu, cuda, math")
 
 
 def default_scale(d: int) -> float:
