@@ -54,21 +54,22 @@ static inline int up16(int x) { return (x + 15) & ~15; }
 #endif
 
 /* ------------------------------------------------------------------ GEMM
- * C[M][N] (+)= A[M][K] B[K][N], N a multiple of 16, row-major with leading
- * dimensions. A register block of MR rows x up to 4 vectors. */
+ * C[M][N] (+)= op(A)[M][K] B[K][N], N a multiple of 16, row-major with
+ * leading dimensions; op(A) = A (gemm_nn) or A read transposed, A[k][m]
+ * (gemm_tn). Register blocks: 4 rows x 4 vectors, or 8 rows x 2 vectors. */
 static inline __attribute__((always_inline)) void
-micro(int mb, int nvb, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc, int acc)
+micro(int mb, int nvb, int at, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc, int acc)
 {
-    vf c[MR][4];
-    for (int r = 0; r < MR; r++)
+    vf c[8][4];
+    for (int r = 0; r < 8; r++)
         for (int v = 0; v < 4; v++) c[r][v] = splat(0.f);
     for (int k = 0; k < K; k++) {
         vf b[4];
         for (int v = 0; v < 4; v++)
             if (v < nvb) { b[v] = ld(B + (size_t)k * ldb + v * VL); KEEP_IN_REGISTER(b[v]); }
-        for (int r = 0; r < MR; r++) {
+        for (int r = 0; r < 8; r++) {
             if (r >= mb) break;
-            float a = A[(size_t)r * lda + k];
+            float a = at ? A[(size_t)k * lda + r] : A[(size_t)r * lda + k];
             for (int v = 0; v < 4; v++)
                 if (v < nvb) c[r][v] += a * b[v];
         }
@@ -80,39 +81,49 @@ micro(int mb, int nvb, int K, const float *A, int lda, const float *B, int ldb, 
         }
 }
 
-#define MICRO_CASE(mb, nvb) \
-    case (mb) * 8 + (nvb): micro(mb, nvb, K, a, lda, b, ldb, c, ldc, acc); break;
+#define MC(mb, nvb, at) case (mb) * 8 + (nvb): micro(mb, nvb, at, K, a, lda, b, ldb, c, ldc, acc); break;
+#define GEMM(name, AT)                                                                              \
+static void name(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc, int acc) \
+{                                                                                                   \
+    int rs = N <= 2 * VL ? 8 : 4;                                                                   \
+    for (int i = 0; i < M; i += rs) {                                                               \
+        int mb = imin(rs, M - i);                                                                   \
+        for (int j = 0; j < N; j += 4 * VL) {                                                       \
+            int nvb = imin(4, (N - j) / VL);                                                        \
+            const float *a = AT ? A + i : A + (size_t)i * lda, *b = B + j;                          \
+            float *c = C + (size_t)i * ldc + j;                                                     \
+            switch (mb * 8 + nvb) {                                                                 \
+                MC(8, 2, AT) MC(7, 2, AT) MC(6, 2, AT) MC(5, 2, AT)                                 \
+                MC(8, 1, AT) MC(7, 1, AT) MC(6, 1, AT) MC(5, 1, AT)                                 \
+                MC(4, 4, AT) MC(4, 3, AT) MC(4, 2, AT) MC(4, 1, AT)                                 \
+                MC(3, 4, AT) MC(3, 3, AT) MC(3, 2, AT) MC(3, 1, AT)                                 \
+                MC(2, 4, AT) MC(2, 3, AT) MC(2, 2, AT) MC(2, 1, AT)                                 \
+                MC(1, 4, AT) MC(1, 3, AT) MC(1, 2, AT) MC(1, 1, AT)                                 \
+            }                                                                                       \
+        }                                                                                           \
+    }                                                                                               \
+}
+GEMM(gemm_nn, 0)
+GEMM(gemm_tn, 1)
 
-static void gemm(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc, int acc)
+/* dst[c][r] = src[r][c] for r < R, c < HD (dst has TQ columns; columns R.. are zeroed). */
+static void transpose_tile(const float *src, int R, float *dst)
 {
-    for (int i = 0; i < M; i += MR) {
-        int mb = imin(MR, M - i);
-        for (int j = 0; j < N; j += 4 * VL) {
-            int nvb = imin(4, (N - j) / VL);
-            const float *a = A + (size_t)i * lda, *b = B + j;
-            float *c = C + (size_t)i * ldc + j;
-            switch (mb * 8 + nvb) {
-                MICRO_CASE(4, 4) MICRO_CASE(4, 3) MICRO_CASE(4, 2) MICRO_CASE(4, 1)
-                MICRO_CASE(3, 4) MICRO_CASE(3, 3) MICRO_CASE(3, 2) MICRO_CASE(3, 1)
-                MICRO_CASE(2, 4) MICRO_CASE(2, 3) MICRO_CASE(2, 2) MICRO_CASE(2, 1)
-                MICRO_CASE(1, 4) MICRO_CASE(1, 3) MICRO_CASE(1, 2) MICRO_CASE(1, 1)
-            }
-        }
+    for (int c = 0; c < HD; c++) {
+        for (int r = 0; r < R; r++) dst[c * TQ + r] = src[(size_t)r * HD + c];
+        for (int r = R; r < TQ; r++) dst[c * TQ + r] = 0.f;
     }
 }
 
-/* dst[c][r] = src[r][c] for r < R, c < C; columns c in [C, Cp) of dst are zeroed. */
-static void transpose(const float *src, int lds, int R, int C, float *dst, int ldd, int Rp)
-{
-    for (int c = 0; c < C; c++)
-        for (int r = 0; r < R; r++) dst[(size_t)c * ldd + r] = src[(size_t)r * lds + c];
-    for (int c = 0; c < C; c++)
-        for (int r = R; r < Rp; r++) dst[(size_t)c * ldd + r] = 0.f;
-}
-
-/* --------------------------------------------------------------- softmax */
+/* --------------------------------------------------------------- softmax
+ * Scores are kept transposed, St[j][a] for key j and query a of a tile
+ * (TQ = 2 vectors of queries), so the softmax over keys runs down the
+ * columns: vectorised over queries, with no horizontal reductions. Query a
+ * may attend keys lo[a]..hi[a]. */
 static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+static inline vf vand(vf a, vi m) { return (vf)((vi)a & m); }
+static inline vi isplat(int x) { vi v = {0}; return v + x; }
 
 static inline vf vexp(vf x)
 {
@@ -134,112 +145,143 @@ static inline vf vexp(vf x)
     return p * (vf)e;
 }
 
-static inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < VL; i++) m = v[i] > m ? v[i] : m; return m; }
-static inline float hsum(vf v) { float s = 0; for (int i = 0; i < VL; i++) s += v[i]; return s; }
-
-static const vi IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
-/* Row s[0..Wp) of raw scores; keys lo..hi (inclusive) are allowed. Leaves the
- * normalised probabilities in s (0 outside [lo, hi]) and returns the
- * log-sum-exp of the scaled scores (-inf if there is no key). */
-static float softmax_row(float *s, int Wp, int lo, int hi, float scale)
+/* Forward: leaves unnormalised probabilities in St (0 where not allowed),
+ * the log-sum-exp of each query in lse (-inf: no key) and 1/sum in inv (0: no key). */
+static void softmax_cols(float *St, int W, const int *lo, const int *hi, float scale, float *lse, float *inv)
 {
-    if (hi < lo) { memset(s, 0, sizeof(float) * Wp); return -INFINITY; }
-    vf m = splat(-INFINITY);
-    for (int t = 0; t < Wp; t += VL) {
-        vi idx = IOTA + t;
-        vi ok = (idx >= lo) & (idx <= hi);
-        m = vmax(m, vsel(ok, ld(s + t) * scale, splat(-INFINITY)));
-    }
-    float mx = hmax(m);
-    vf sum = splat(0.f);
-    for (int t = 0; t < Wp; t += VL) {
-        vi idx = IOTA + t;
-        vi ok = (idx >= lo) & (idx <= hi);
-        vf p = (vf)((vi)vexp(ld(s + t) * scale - mx) & ok);
-        sum += p;
-        st(s + t, p);
-    }
-    float tot = hsum(sum), inv = 1.0f / tot;
-    for (int t = 0; t < Wp; t += VL) st(s + t, ld(s + t) * inv);
-    return mx + logf(tot);
-}
-
-/* Backward of one row: p = exp(s*scale - lse) on [lo, hi], 0 elsewhere, kept in s;
- * ds = p * (dp - delta) * scale, kept in dp. */
-static void grad_row(float *s, float *dp, int Wp, int lo, int hi, float scale, float lse, float delta)
-{
-    if (hi < lo || !isfinite(lse)) {
-        memset(s, 0, sizeof(float) * Wp);
-        memset(dp, 0, sizeof(float) * Wp);
-        return;
-    }
-    for (int t = 0; t < Wp; t += VL) {
-        vi idx = IOTA + t;
-        vi ok = (idx >= lo) & (idx <= hi);
-        vf p = (vf)((vi)vexp(ld(s + t) * scale - lse) & ok);
-        st(s + t, p);
-        st(dp + t, p * (ld(dp + t) - delta) * scale);
+    for (int v = 0; v < TQ / VL; v++) {
+        vi vlo, vhi;
+        memcpy(&vlo, lo + v * VL, sizeof vlo);
+        memcpy(&vhi, hi + v * VL, sizeof vhi);
+        vf m = splat(-INFINITY);
+        for (int j = 0; j < W; j++) {
+            vi ok = (isplat(j) >= vlo) & (isplat(j) <= vhi);
+            m = vmax(m, vsel(ok, ld(St + (size_t)j * TQ + v * VL) * scale, splat(-INFINITY)));
+        }
+        vf sum = splat(0.f);
+        for (int j = 0; j < W; j++) {
+            float *p = St + (size_t)j * TQ + v * VL;
+            vi ok = (isplat(j) >= vlo) & (isplat(j) <= vhi);
+            vf e = vand(vexp(ld(p) * scale - m), ok);
+            sum += e;
+            st(p, e);
+        }
+        for (int t = 0; t < VL; t++) {
+            int a = v * VL + t;
+            lse[a] = sum[t] > 0 ? m[t] + logf(sum[t]) : -INFINITY;
+            inv[a] = sum[t] > 0 ? 1.0f / sum[t] : 0.f;
+        }
     }
 }
 
-/* ------------------------------------------------------------ tile work */
+/* Backward: P = exp(S * scale - lse) in St, dS = P * (dP - delta) * scale in dPt. */
+static void grad_cols(float *St, float *dPt, int W, const int *lo, const int *hi, float scale, const float *lse, const float *delta)
+{
+    for (int v = 0; v < TQ / VL; v++) {
+        vi vlo, vhi;
+        memcpy(&vlo, lo + v * VL, sizeof vlo);
+        memcpy(&vhi, hi + v * VL, sizeof vhi);
+        vf L = ld(lse + v * VL), D = ld(delta + v * VL);
+        vi fin = (L > splat(-INFINITY)) & (L < splat(INFINITY));
+        for (int j = 0; j < W; j++) {
+            float *ps = St + (size_t)j * TQ + v * VL, *pd = dPt + (size_t)j * TQ + v * VL;
+            vi ok = (isplat(j) >= vlo) & (isplat(j) <= vhi) & fin;
+            vf p = vand(vexp(ld(ps) * scale - L), ok);
+            st(ps, p);
+            st(pd, vand(p * (ld(pd) - D) * scale, ok));
+        }
+    }
+}
+
+static void scale_rows(float *O, int rows, const float *inv)
+{
+    for (int a = 0; a < rows; a++)
+        for (int d = 0; d < HD; d += VL) st(O + (size_t)a * HD + d, ld(O + (size_t)a * HD + d) * inv[a]);
+}
+
+/* ------------------------------------------------------------ tile work
+ * One tile: queries Qr[rows] (rows <= TQ) against keys Kr, Vr [W]; query a
+ * may attend keys lo[a]..hi[a]. Forward writes the normalised output to
+ * Or and returns lse; backward adds into dQr, dKr, dVr. */
 typedef struct {
     int N, w, l, strict;
     float scale;
 } Shape;
 
-/* Local pass, forward, queries r0..r0+TQ-1 of one sequence. */
-static void local_fwd(const Shape *sh, const float *Q, const float *K, const float *V, float *O, float *L, int r0, float *buf)
+typedef struct {
+    float Qt[HD * TQ], dOt[HD * TQ], lse[TQ], inv[TQ], delta[TQ];
+    int lo[TQ], hi[TQ];
+} TileScratch;
+
+static void tile_fwd(const float *Qr, const float *Kr, const float *Vr, int rows, int W, TileScratch *ts,
+                     float *St, float *Or, float scale)
 {
-    int N = sh->N, w = sh->w;
-    int r1 = imin(r0 + TQ, N), rows = r1 - r0;
-    int j0 = imax(0, r0 - w + 1), W = r1 - j0, Wp = up16(W);
-    float *Kt = buf, *S = Kt + (size_t)HD * Wp;
-    transpose(K + (size_t)j0 * HD, HD, W, HD, Kt, Wp, Wp);
-    gemm(rows, Wp, HD, Q + (size_t)r0 * HD, HD, Kt, Wp, S, Wp, 0);
-    for (int a = 0; a < rows; a++) {
-        int i = r0 + a;
-        L[i] = softmax_row(S + (size_t)a * Wp, Wp, imax(0, i - w + 1) - j0, i - j0, sh->scale);
-    }
-    gemm(rows, HD, W, S, Wp, V + (size_t)j0 * HD, HD, O + (size_t)r0 * HD, HD, 0);
+    transpose_tile(Qr, rows, ts->Qt);
+    gemm_nn(W, TQ, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0);                 /* St = K Q^T      (W, TQ) */
+    softmax_cols(St, W, ts->lo, ts->hi, scale, ts->lse, ts->inv);
+    gemm_tn(rows, HD, W, St, TQ, Vr, HD, Or, HD, 0);                  /* O = P V         (rows, HD) */
+    scale_rows(Or, rows, ts->inv);
 }
 
-/* Local pass, backward, queries r0..: adds into dQ rows and dK, dV of the window. */
+static void tile_bwd(const float *Qr, const float *Kr, const float *Vr, const float *dOr, int rows, int W,
+                     TileScratch *ts, float *St, float *dPt, float *dQr, float *dKr, float *dVr, float scale)
+{
+    transpose_tile(Qr, rows, ts->Qt);
+    transpose_tile(dOr, rows, ts->dOt);
+    gemm_nn(W, TQ, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0);                 /* S^T  = K Q^T    (W, TQ) */
+    gemm_nn(W, TQ, HD, Vr, HD, ts->dOt, TQ, dPt, TQ, 0);               /* dP^T = V dO^T   (W, TQ) */
+    grad_cols(St, dPt, W, ts->lo, ts->hi, scale, ts->lse, ts->delta);
+    gemm_tn(rows, HD, W, dPt, TQ, Kr, HD, dQr, HD, 1);                /* dQ += dS K      (rows, HD) */
+    gemm_nn(W, HD, rows, St, TQ, dOr, HD, dVr, HD, 1);                /* dV += P^T dO    (W, HD) */
+    gemm_nn(W, HD, rows, dPt, TQ, Qr, HD, dKr, HD, 1);                /* dK += dS^T Q    (W, HD) */
+}
+
+/* Local pass: queries r0..r0+TQ-1 attend keys i-w < j <= i, read as one window from j0. */
+static int local_window(const Shape *sh, int r0, TileScratch *ts, int *rows, int *j0)
+{
+    int r1 = imin(r0 + TQ, sh->N);
+    *rows = r1 - r0;
+    *j0 = imax(0, r0 - sh->w + 1);
+    for (int a = 0; a < TQ; a++) {
+        int i = r0 + a;
+        ts->lo[a] = a < *rows ? imax(0, i - sh->w + 1) - *j0 : 1;
+        ts->hi[a] = a < *rows ? i - *j0 : 0;
+    }
+    return r1 - *j0;
+}
+
+static void local_fwd(const Shape *sh, const float *Q, const float *K, const float *V, float *O, float *L, int r0, float *buf)
+{
+    TileScratch *ts = (TileScratch *)buf;
+    int rows, j0, W = local_window(sh, r0, ts, &rows, &j0);
+    tile_fwd(Q + (size_t)r0 * HD, K + (size_t)j0 * HD, V + (size_t)j0 * HD, rows, W, ts,
+             (float *)(ts + 1), O + (size_t)r0 * HD, sh->scale);
+    memcpy(L + r0, ts->lse, sizeof(float) * rows);
+}
+
 static void local_bwd(const Shape *sh, const float *Q, const float *K, const float *V, const float *dO,
                       const float *L, const float *Dl, float *dQ, float *dK, float *dV, int r0, float *buf)
 {
-    int N = sh->N, w = sh->w;
-    int r1 = imin(r0 + TQ, N), rows = r1 - r0;
-    int j0 = imax(0, r0 - w + 1), W = r1 - j0, Wp = up16(W);
-    float *Kt = buf, *Vt = Kt + (size_t)HD * Wp, *S = Vt + (size_t)HD * Wp, *dP = S + (size_t)TQ * Wp;
-    float *Pt = dP + (size_t)TQ * Wp, *dSt = Pt + (size_t)Wp * TQ;
-    transpose(K + (size_t)j0 * HD, HD, W, HD, Kt, Wp, Wp);
-    transpose(V + (size_t)j0 * HD, HD, W, HD, Vt, Wp, Wp);
-    gemm(rows, Wp, HD, Q + (size_t)r0 * HD, HD, Kt, Wp, S, Wp, 0);
-    gemm(rows, Wp, HD, dO + (size_t)r0 * HD, HD, Vt, Wp, dP, Wp, 0);
-    for (int a = 0; a < rows; a++) {
-        int i = r0 + a;
-        grad_row(S + (size_t)a * Wp, dP + (size_t)a * Wp, Wp, imax(0, i - w + 1) - j0, i - j0, sh->scale, L[i], Dl[i]);
+    TileScratch *ts = (TileScratch *)buf;
+    int rows, j0, W = local_window(sh, r0, ts, &rows, &j0);
+    for (int a = 0; a < TQ; a++) {
+        ts->lse[a] = a < rows ? L[r0 + a] : 0.f;
+        ts->delta[a] = a < rows ? Dl[r0 + a] : 0.f;
     }
-    gemm(rows, HD, W, dP, Wp, K + (size_t)j0 * HD, HD, dQ + (size_t)r0 * HD, HD, 1);
-    transpose(S, Wp, rows, W, Pt, TQ, rows);
-    transpose(dP, Wp, rows, W, dSt, TQ, rows);
-    gemm(W, HD, rows, Pt, TQ, dO + (size_t)r0 * HD, HD, dV + (size_t)j0 * HD, HD, 1);
-    gemm(W, HD, rows, dSt, TQ, Q + (size_t)r0 * HD, HD, dK + (size_t)j0 * HD, HD, 1);
+    float *St = (float *)(ts + 1), *dPt = St + (size_t)(sh->w + TQ) * TQ;
+    tile_bwd(Q + (size_t)r0 * HD, K + (size_t)j0 * HD, V + (size_t)j0 * HD, dO + (size_t)r0 * HD, rows, W, ts,
+             St, dPt, dQ + (size_t)r0 * HD, dK + (size_t)j0 * HD, dV + (size_t)j0 * HD, sh->scale);
 }
 
 static size_t local_buf_floats(int w)
 {
-    size_t Wp = up16(w + TQ);
-    return 2 * HD * Wp + 4 * TQ * Wp + 64;
+    return sizeof(TileScratch) / sizeof(float) + 2 * (size_t)(w + TQ) * TQ + 64;
 }
 
-/* Column pass scratch: gathered rows of one column (M = N / l of them). */
+/* Column pass: the M = N / l positions c, c+l, ... of one column, gathered. */
 static size_t col_buf_floats(int M)
 {
-    size_t Mp = up16(M);
-    return 8 * (size_t)M * HD + 2 * HD * Mp + 4 * TQ * Mp + 2 * Mp + 64;
+    return sizeof(TileScratch) / sizeof(float) + 7 * (size_t)M * HD + 2 * (size_t)M * TQ + TQ * HD + 2 * (size_t)M + 64;
 }
 
 static void gather(const float *X, int M, int l, int c, float *dst)
@@ -247,43 +289,43 @@ static void gather(const float *X, int M, int l, int c, float *dst)
     for (int m = 0; m < M; m++) memcpy(dst + (size_t)m * HD, X + ((size_t)m * l + c) * HD, sizeof(float) * HD);
 }
 
-static inline int col_lo(const Shape *sh) { (void)sh; return 0; }
-static inline int col_hi(const Shape *sh, int m) { return sh->strict ? m - 1 : m; }
+/* Queries m0..m0+TQ-1 of a column attend keys 0..m-1 (strict) or 0..m; returns the key count. */
+static int col_window(const Shape *sh, int m0, int M, TileScratch *ts, int *rows)
+{
+    int m1 = imin(m0 + TQ, M);
+    *rows = m1 - m0;
+    for (int a = 0; a < TQ; a++) {
+        ts->lo[a] = a < *rows ? 0 : 1;
+        ts->hi[a] = a < *rows ? (sh->strict ? m0 + a - 1 : m0 + a) : 0;
+    }
+    return sh->strict ? m1 - 1 : m1;
+}
 
-/* Column pass, forward, column c of one sequence; merges into O, L when ``merge``. */
 static void col_fwd(const Shape *sh, const float *Q, const float *K, const float *V, float *O, float *L, int c, int merge, float *buf)
 {
-    int l = sh->l, M = sh->N / l, Mp = up16(M);
-    float *Qc = buf, *Vc = Qc + (size_t)M * HD, *Kct = Vc + (size_t)M * HD, *S = Kct + (size_t)HD * Mp;
-    float *Ot = S + (size_t)TQ * Mp;
+    int l = sh->l, M = sh->N / l;
+    TileScratch *ts = (TileScratch *)buf;
+    float *Qc = (float *)(ts + 1), *Kc = Qc + (size_t)M * HD, *Vc = Kc + (size_t)M * HD;
+    float *St = Vc + (size_t)M * HD, *Ot = St + (size_t)M * TQ;
     gather(Q, M, l, c, Qc);
+    gather(K, M, l, c, Kc);
     gather(V, M, l, c, Vc);
-    for (int d = 0; d < HD; d++) {
-        for (int m = 0; m < M; m++) Kct[(size_t)d * Mp + m] = K[((size_t)m * l + c) * HD + d];
-        for (int m = M; m < Mp; m++) Kct[(size_t)d * Mp + m] = 0.f;
-    }
     for (int m0 = 0; m0 < M; m0 += TQ) {
-        int m1 = imin(m0 + TQ, M), rows = m1 - m0;
-        int W = col_hi(sh, m1 - 1) + 1;
-        if (W <= 0) W = 0;
-        int Wp = up16(W);
+        int rows, W = col_window(sh, m0, M, ts, &rows);
         if (W > 0) {
-            gemm(rows, Wp, HD, Qc + (size_t)m0 * HD, HD, Kct, Mp, S, Wp, 0);
+            tile_fwd(Qc + (size_t)m0 * HD, Kc, Vc, rows, W, ts, St, Ot, sh->scale);
+        } else {
+            for (int a = 0; a < rows; a++) ts->lse[a] = -INFINITY;
         }
-        float lse[TQ];
-        for (int a = 0; a < rows; a++)
-            lse[a] = W > 0 ? softmax_row(S + (size_t)a * Wp, Wp, col_lo(sh), col_hi(sh, m0 + a), sh->scale) : -INFINITY;
-        if (W > 0) gemm(rows, HD, W, S, Wp, Vc, HD, Ot, HD, 0);
         for (int a = 0; a < rows; a++) {
             size_t i = (size_t)(m0 + a) * l + c;
-            float *o = O + i * HD, *oc = Ot + (size_t)a * HD;
+            float *o = O + i * HD, *oc = Ot + (size_t)a * HD, l2 = ts->lse[a];
             if (!merge) {
-                if (isinf(lse[a])) memset(o, 0, sizeof(float) * HD);
+                if (isinf(l2)) memset(o, 0, sizeof(float) * HD);
                 else memcpy(o, oc, sizeof(float) * HD);
-                L[i] = lse[a];
-            } else if (!isinf(lse[a])) {
-                float l1 = L[i], l2 = lse[a];
-                float mx = l1 > l2 ? l1 : l2;
+                L[i] = l2;
+            } else if (!isinf(l2)) {
+                float l1 = L[i], mx = l1 > l2 ? l1 : l2;
                 float e1 = expf(l1 - mx), e2 = expf(l2 - mx), tot = e1 + e2;
                 float w1 = e1 / tot, w2 = e2 / tot;
                 for (int d = 0; d < HD; d++) o[d] = o[d] * w1 + oc[d] * w2;
@@ -296,34 +338,26 @@ static void col_fwd(const Shape *sh, const float *Q, const float *K, const float
 static void col_bwd(const Shape *sh, const float *Q, const float *K, const float *V, const float *dO,
                     const float *L, const float *Dl, float *dQ, float *dK, float *dV, int c, float *buf)
 {
-    int l = sh->l, M = sh->N / l, Mp = up16(M);
-    float *Qc = buf, *Kc = Qc + (size_t)M * HD, *Vc = Kc + (size_t)M * HD, *dOc = Vc + (size_t)M * HD;
+    int l = sh->l, M = sh->N / l;
+    TileScratch *ts = (TileScratch *)buf;
+    float *Qc = (float *)(ts + 1), *Kc = Qc + (size_t)M * HD, *Vc = Kc + (size_t)M * HD, *dOc = Vc + (size_t)M * HD;
     float *dQc = dOc + (size_t)M * HD, *dKc = dQc + (size_t)M * HD, *dVc = dKc + (size_t)M * HD;
-    float *Kct = dVc + (size_t)M * HD + (size_t)M * HD, *Vct = Kct + (size_t)HD * Mp;
-    float *S = Vct + (size_t)HD * Mp, *dP = S + (size_t)TQ * Mp, *Pt = dP + (size_t)TQ * Mp, *dSt = Pt + (size_t)Mp * TQ;
-    float *Lc = dSt + (size_t)Mp * TQ, *Dc = Lc + Mp;
+    float *St = dVc + (size_t)M * HD, *dPt = St + (size_t)M * TQ, *Lc = dPt + (size_t)M * TQ, *Dc = Lc + M;
     gather(Q, M, l, c, Qc);
     gather(K, M, l, c, Kc);
     gather(V, M, l, c, Vc);
     gather(dO, M, l, c, dOc);
     for (int m = 0; m < M; m++) { Lc[m] = L[(size_t)m * l + c]; Dc[m] = Dl[(size_t)m * l + c]; }
-    transpose(Kc, HD, M, HD, Kct, Mp, Mp);
-    transpose(Vc, HD, M, HD, Vct, Mp, Mp);
     memset(dQc, 0, sizeof(float) * 3 * (size_t)M * HD);
     for (int m0 = 0; m0 < M; m0 += TQ) {
-        int m1 = imin(m0 + TQ, M), rows = m1 - m0;
-        int W = col_hi(sh, m1 - 1) + 1;
+        int rows, W = col_window(sh, m0, M, ts, &rows);
         if (W <= 0) continue;
-        int Wp = up16(W);
-        gemm(rows, Wp, HD, Qc + (size_t)m0 * HD, HD, Kct, Mp, S, Wp, 0);
-        gemm(rows, Wp, HD, dOc + (size_t)m0 * HD, HD, Vct, Mp, dP, Wp, 0);
-        for (int a = 0; a < rows; a++)
-            grad_row(S + (size_t)a * Wp, dP + (size_t)a * Wp, Wp, col_lo(sh), col_hi(sh, m0 + a), sh->scale, Lc[m0 + a], Dc[m0 + a]);
-        gemm(rows, HD, W, dP, Wp, Kc, HD, dQc + (size_t)m0 * HD, HD, 1);
-        transpose(S, Wp, rows, W, Pt, TQ, rows);
-        transpose(dP, Wp, rows, W, dSt, TQ, rows);
-        gemm(W, HD, rows, Pt, TQ, dOc + (size_t)m0 * HD, HD, dVc, HD, 1);
-        gemm(W, HD, rows, dSt, TQ, Qc + (size_t)m0 * HD, HD, dKc, HD, 1);
+        for (int a = 0; a < TQ; a++) {
+            ts->lse[a] = a < rows ? Lc[m0 + a] : 0.f;
+            ts->delta[a] = a < rows ? Dc[m0 + a] : 0.f;
+        }
+        tile_bwd(Qc + (size_t)m0 * HD, Kc, Vc, dOc + (size_t)m0 * HD, rows, W, ts, St, dPt,
+                 dQc + (size_t)m0 * HD, dKc, dVc, sh->scale);
     }
     for (int m = 0; m < M; m++) {
         size_t i = ((size_t)m * l + c) * HD;
