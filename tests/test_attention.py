@@ -96,6 +96,10 @@ def test_per_head_patterns():
     pats = [P.Local(8), P.StridedColumns(8), P.Fixed(8, 2), P.Dense()]
     compare(pats, 2, 4, 90, 16, torch.float64, "auto", 1e-5)
     compare(pats, 2, 4, 90, 16, torch.float32, "auto", 1e-5)
+    # heads of one pattern that are not next to each other (gathered, then put back)
+    mixed = [P.Local(8), P.Fixed(8, 2), P.Local(8), P.Fixed(8, 2)]
+    compare(mixed, 2, 4, 90, 16, torch.float64, "auto", 1e-5)
+    compare(mixed, 1, 4, 90, 16, torch.float32, "auto", 1e-5)
 
 
 def test_long_sequence_against_reference():

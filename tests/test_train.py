@@ -122,7 +122,11 @@ def test_cli_train_and_eval(tmp_path):
     r = run_cli("eval", str(tmp_path), "--max-bytes", "1000")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "eval-val.json").read_text())
-    assert res["bytes"] == 1000 and res["bits_per_dim"] > 0
+    assert res["bytes"] == 1000 and res["bits_per_dim"] > 0 and res["precision"] == "float32"
+    r = run_cli("eval", str(tmp_path), "--max-bytes", "1000", "--precision", "bfloat16", "--json", str(tmp_path / "bf.json"))
+    assert r.returncode == 0, r.stderr
+    bf = json.loads((tmp_path / "bf.json").read_text())
+    assert bf["precision"] == "bfloat16" and abs(bf["bits_per_dim"] - res["bits_per_dim"]) < 0.05
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,8 @@ def _add_train(sub) -> None:
     ev.add_argument("--split", default="val", help="val (default) or test")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-bytes", type=int, default=0, help="evaluate only the first bytes of the split (0 = all)")
+    ev.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="autocast precision of the evaluation (default: the run's train.precision)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                     help="write the result as JSON to PATH (stdout without PATH); default: eval-SPLIT.json beside the checkpoint")
@@ -120,8 +122,9 @@ def _cmd_eval(args, extra) -> int:
     state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
     model.load_state_dict(state)
     ds = load_dataset(cfg.data.name, cfg.data.train_fraction, cfg.data.dir)
-    res = evaluate(model, ds.split(args.split), batch_size=args.batch_size, precision=cfg.train.precision, max_bytes=args.max_bytes)
-    res.update({"checkpoint": str(path), "split": args.split, "step": ckpt["step"], "dataset": ds.name, "ema": bool(ckpt.get("ema"))})
+    precision = args.precision or cfg.train.precision
+    res = evaluate(model, ds.split(args.split), batch_size=args.batch_size, precision=precision, max_bytes=args.max_bytes)
+    res.update({"precision": precision, "checkpoint": str(path), "split": args.split, "step": ckpt["step"], "dataset": ds.name, "ema": bool(ckpt.get("ema"))})
     if args.json != "-":
         print(f"{ds.name} {args.split}: {res['bits_per_dim']:.4f} bits per dim over {res['bytes']:,} bytes (step {ckpt['step']})")
     write_json(res, args.json or str(path.parent / f"eval-{args.split}.json"))

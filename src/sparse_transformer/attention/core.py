@@ -149,6 +149,12 @@ def attention(
     if len(groups) == 1:
         return run(q, k, v, pats[0], 0)
 
+    if all(h == list(range(h[0], h[-1] + 1)) for h in groups.values()):
+        # Contiguous runs of heads (the model's "multihead" split): slices and one cat,
+        # whose backward is cheap, instead of gathers and index_copy.
+        runs = sorted(groups.values())
+        return torch.cat([run(*(t[:, h[0] : h[-1] + 1] for t in (q, k, v)), pats[h[0]], h[0]) for h in runs], dim=1)
+
     out = torch.empty_like(q)
     outs = []
     for heads in groups.values():
