@@ -369,6 +369,38 @@ static void col_bwd(const Shape *sh, const float *Q, const float *K, const float
     }
 }
 
+/* Every sequence's tensors, [BH][N][HD] (lse, delta [BH][N]); unused ones NULL. */
+typedef struct {
+    const float *q, *k, *v, *dout, *lse, *delta;
+    float *o, *lse_out, *dq, *dk, *dv;
+} Tensors;
+
+/* The column pass over all sequences and columns (forward, or backward with ``backward``). */
+static int col_pass(const Shape *sh, const Tensors *t, int BH, int nthreads, int backward, int merge)
+{
+    int N = sh->N, l = sh->l, failed = 0;
+    size_t NH = (size_t)N * HD;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *buf = malloc(sizeof(float) * col_buf_floats(N / l));
+        if (!buf) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (long it = 0; it < (long)BH * l; it++) {
+            if (!buf) continue;
+            long b = it / l;
+            int c = (int)(it % l);
+            if (backward)
+                col_bwd(sh, t->q + b * NH, t->k + b * NH, t->v + b * NH, t->dout + b * NH, t->lse + b * N,
+                        t->delta + b * N, t->dq + b * NH, t->dk + b * NH, t->dv + b * NH, c, buf);
+            else
+                col_fwd(sh, t->q + b * NH, t->k + b * NH, t->v + b * NH, t->o + b * NH, t->lse_out + b * N,
+                        c, merge, buf);
+        }
+        free(buf);
+    }
+    return failed;
+}
+
 /* ------------------------------------------------------------ entry points
  * w: local window (0: no local pass); l: column stride (0: no column pass);
  * strict: the column pass leaves out the query's own position.
@@ -395,18 +427,8 @@ int st_forward(int BH, int N, int w, int l, int strict, float scale, int nthread
         }
     }
     if (l > 0 && !failed) {
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-        {
-            float *buf = malloc(sizeof(float) * col_buf_floats(N / l));
-            if (!buf) failed = 1;
-#pragma omp for schedule(dynamic, 1)
-            for (long it = 0; it < (long)BH * l; it++) {
-                if (!buf) continue;
-                long b = it / l;
-                col_fwd(&sh, q + b * NH, k + b * NH, v + b * NH, o + b * NH, lse + b * N, (int)(it % l), w > 0, buf);
-            }
-            free(buf);
-        }
+        Tensors t = {q, k, v, NULL, NULL, NULL, o, lse, NULL, NULL, NULL};
+        failed = col_pass(&sh, &t, BH, nthreads, 0, w > 0);
     }
     return failed ? -1 : 0;
 }
@@ -454,22 +476,10 @@ int st_backward(int BH, int N, int w, int l, int strict, float scale, int nthrea
         }
     }
     if (l > 0 && !failed) {
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-        {
-            float *buf = malloc(sizeof(float) * col_buf_floats(N / l));
-            if (!buf) failed = 1;
-#pragma omp for schedule(dynamic, 1)
-            for (long it = 0; it < (long)BH * l; it++) {
-                if (!buf) continue;
-                long b = it / l;
-                col_bwd(&sh, q + b * NH, k + b * NH, v + b * NH, dout + b * NH, lse + b * N, delta + b * N,
-                        dq + b * NH, dk + b * NH, dv + b * NH, (int)(it % l), buf);
-            }
-            free(buf);
-        }
+        Tensors t = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv};
+        failed = col_pass(&sh, &t, BH, nthreads, 1, 0);
     }
     free(delta);
     return failed ? -1 : 0;
 }
 
-int st_head_dim(void) { return HD; }
