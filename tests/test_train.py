@@ -110,6 +110,35 @@ def test_bfloat16_and_ema_and_recompute(tmp_path):
     assert summary["val_bits_per_dim"] < 9
 
 
+def test_ema_is_the_polyak_average():
+    from sparse_transformer.train.optim import EMA
+
+    lin = torch.nn.Linear(3, 2)
+    w0 = lin.weight.detach().clone()
+    ema = EMA(lin, 0.9)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update(lin)
+    ema.update(lin)
+    expected = w0 * 0.81 + (w0 + 1) * 0.19  # two steps towards the new weights
+    assert torch.allclose(ema.state_dict()["weight"], expected, atol=1e-6)
+    ema.swap(lin)
+    assert torch.allclose(lin.weight, expected, atol=1e-6)
+    ema.swap(lin)
+    assert torch.allclose(lin.weight, w0 + 1)
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    no_dropout = ("model.dropout", "0.0")  # compiled dropout draws other random numbers
+    train(tiny(tmp_path / "eager", no_dropout, steps=3), show_progress=False, echo=lambda *_: None)
+    train(tiny(tmp_path / "compiled", no_dropout, ("train.compile", "true"), steps=3), show_progress=False,
+          echo=lambda *_: None)
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() == {1, 2, 3}
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "sparse_transformer", *args], capture_output=True, text=True, timeout=300)
 

@@ -32,7 +32,7 @@ def _add_train(sub) -> None:
             "config.json and summary.json into train.out_dir."
         ),
         epilog="Settings: model.* (n_ctx, d_model, n_layer, n_head, pattern, stride, c, combine, ...), "
-        "train.* (steps, batch_size, lr, warmup, precision, device, out_dir, ...), data.* (name, train_fraction). "
+        "train.* (steps, batch_size, lr, warmup, precision, ema, compile, device, out_dir, ...), data.* (name, train_fraction). "
         "An unknown setting is an error that lists the allowed ones. Under torchrun "
         "(torchrun --nproc_per_node=N -m sparse_transformer train ...) training is data-parallel: "
         "train.parallel ddp (default) or fsdp, train.grad_reduce_dtype, train.dist_timeout; "

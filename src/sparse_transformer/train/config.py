@@ -30,6 +30,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.0  # Polyak averaging of the weights (0.999 in the paper's style); 0 = off
     precision: str = "float32"  # float32 | bfloat16 | float16 (float16 needs CUDA)
+    compile: bool = False  # torch.compile the model for training (fuses the element-wise work; compiles at the first steps)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 1234
     eval_every: int = 0  # 0 = only at the end

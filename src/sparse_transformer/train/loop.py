@@ -153,6 +153,8 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])  # before wrapping: FSDP shards what it is given
     net = D.wrap(model, d, device, t.grad_reduce_dtype)  # run forward/backward through this
+    if t.compile:  # training steps only; evaluation and sampling run the plain model
+        net = torch.compile(net)
     opt = make_optimizer(model, t, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "float16")
     ema = EMA(model, t.ema) if t.ema else None

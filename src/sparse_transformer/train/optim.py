@@ -46,8 +46,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for k, p in model.named_parameters():
-            self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
+        params = dict(model.named_parameters())
+        torch._foreach_lerp_(list(self.shadow.values()), [params[k].detach().float() for k in self.shadow], 1 - self.decay)
 
     def state_dict(self) -> dict:
         return dict(self.shadow)
