@@ -50,7 +50,7 @@ def compressor_bits(data: bytes) -> dict[str, float]:
 
 def run_compare(
     *, modalities=("text", "images"), patterns=("dense", "strided", "fixed"), quick: bool = False,
-    steps: int | None = None, data_dir: str = "data", out_dir: str | None = None, progress=print,
+    steps: int | None = None, precision: str = "float32", data_dir: str = "data", out_dir: str | None = None, progress=print,
 ) -> dict:
     size = dict(QUICK if quick else FULL)
     if steps:
@@ -77,7 +77,7 @@ def run_compare(
                 ("train.steps", str(n_steps)), ("train.batch_size", str(batch)),
                 ("train.warmup", str(max(1, n_steps // 10))), ("train.eval_every", "0"),
                 ("train.eval_max_bytes", str(n_eval)), ("train.sample_bytes", "0"), ("train.time_limit", "0"),
-                ("train.log_every", str(max(1, n_steps // 20))),
+                ("train.log_every", str(max(1, n_steps // 20))), ("train.precision", precision),
                 ("train.out_dir", str(root / f"{modality}-{pattern}")), ("data.name", m["data"]), ("data.dir", data_dir),
             ]
             if m["data_shape"]:
@@ -90,7 +90,7 @@ def run_compare(
                    "parameters": summary["parameters"], "run_dir": summary["out_dir"]}
             rows.append(row)
             progress(f"{modality}, {pattern}: {row['val_bits_per_dim']:.4f} bits/dim, {row['s_per_iter']:.3f} s/iter")
-    return {"benchmark": "compare", "config": {**size, "quick": quick, "modalities": list(modalities)},
+    return {"benchmark": "compare", "config": {**size, "quick": quick, "precision": precision, "modalities": list(modalities)},
             "machine": machine_info(torch.device("cpu")), "results": rows}
 
 
@@ -152,6 +152,7 @@ def run_context(checkpoint: str, *, contexts: list[int] | None = None, max_bytes
 def report_compare(result: dict) -> str:
     c = result["config"]
     head = f"compare: {c['n_layer']} layers, d {c['d_model']}, {c['n_head']} heads{' (quick)' if c['quick'] else ''}"
+    head += f", {c.get('precision', 'float32')}"
     cols = [("modality", "data"), ("model", "model"), ("n_ctx", "context"), ("batch", "batch"), ("steps", "steps"),
             ("s_per_iter", "s/iter"), ("val_bits_per_dim", "val bits/dim"), ("xz", "xz"), ("bz2", "bz2"), ("zlib", "zlib")]
     return head + "\n" + table(result["results"], cols)
