@@ -195,8 +195,8 @@ def test_auto_uses_the_native_kernel_on_cpu(monkeypatch):
     from sparse_transformer.attention import core
 
     calls = []
-    real = core.NativeFunction.apply
-    monkeypatch.setattr(core.NativeFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    real = core.native_attention
+    monkeypatch.setattr(core, "native_attention", lambda *a: calls.append(1) or real(*a))
     q = torch.randn(1, 2, 40, 16)
     sp.attention(q, q, q, P.Strided(8))
     assert calls, "float32 Strided on the CPU should run on the native kernel"
@@ -220,3 +220,16 @@ def test_native_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
     assert rel_err(a, b) < 1e-5
     with pytest.raises(ValueError, match="could not be built"):
         sp.attention(q, q, q, P.Strided(8), backend="native")
+
+
+def test_native_kernel_compiles_into_one_graph():
+    # The kernel is a torch.library custom op: torch.compile(fullgraph=True) traces through it.
+    f = lambda q, k, v: sp.attention(q, k, v, P.Strided(8))  # noqa: E731
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    want = f(q, k, v)
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    got = torch.compile(f, fullgraph=True)(q, k, v)
+    got_grads = torch.autograd.grad(got.sum(), (q, k, v))
+    assert torch.allclose(got, want, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a, b, atol=1e-6)

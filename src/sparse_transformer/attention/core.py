@@ -10,7 +10,7 @@ from ..patterns import Local, Pattern, Strided, StridedColumns
 from . import native
 from .function import SparseAttentionFunction
 from .kernels import default_scale, select_kernel
-from .native import NativeFunction
+from .native import native_attention
 from .parts import make_plan, plan_key
 from .reference import reference_attention
 
@@ -140,7 +140,7 @@ def attention(
         w, l, strict = native_args(p)
         pad = native.padded_dim(D) - D  # zero columns change no score; the output's are cut off
         q, k, v = (F.pad(t.float(), (0, pad)) if pad else t.float() for t in (q, k, v))
-        o = NativeFunction.apply(q, k, v, lib, w, l, strict, scale)
+        o = native_attention(q, k, v, w, l, strict, scale)
         return (o[..., :D] if pad else o).to(dtype)
 
     groups: dict[tuple, list[int]] = {}

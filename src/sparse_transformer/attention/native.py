@@ -11,6 +11,9 @@ Set ``SPARSE_TRANSFORMER_NATIVE=0`` to turn the kernel off.
 
 The kernel computes in float32 (other dtypes are converted by the caller) on
 head widths that are multiples of 16 (the caller pads others with zeros).
+Forward and backward are registered as the custom operators
+``sparse_transformer::native_fwd`` / ``native_bwd`` with an autograd formula,
+so ``torch.compile`` traces through the attention without a graph break.
 """
 from __future__ import annotations
 
@@ -120,41 +123,75 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-class NativeFunction(torch.autograd.Function):
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise MemoryError("native attention kernel: out of memory for its scratch buffers")
+
+
+# The kernel as two custom operators with a registered autograd formula, so that
+# torch.compile sees them as opaque nodes instead of breaking its graph at ctypes.
+@torch.library.custom_op("sparse_transformer::native_fwd", mutates_args=())
+def native_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, l: int, strict: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v (BH, N, D) contiguous float32, N a multiple of l -> o (BH, N, D) and log-sum-exps (BH, N)."""
+    lib = load(q.shape[-1])
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32)
+    _check(lib.st_forward(q.shape[0], q.shape[1], w, l, int(strict), scale, torch.get_num_threads(),
+                          *map(_ptr, (q, k, v, o, lse))))
+    return o, lse
+
+
+@native_fwd.register_fake
+def _(q, k, v, w, l, strict, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2])
+
+
+@torch.library.custom_op("sparse_transformer::native_bwd", mutates_args=())
+def native_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+    w: int, l: int, strict: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v (each (BH, N, D)) given the output gradient ``do``."""
+    lib = load(q.shape[-1])
+    dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
+    _check(lib.st_backward(q.shape[0], q.shape[1], w, l, int(strict), scale, torch.get_num_threads(),
+                           *map(_ptr, (q, k, v, o, do, lse, dq, dk, dv))))
+    return dq, dk, dv
+
+
+@native_bwd.register_fake
+def _(q, k, v, o, do, lse, w, l, strict, scale):
+    return torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, w, l, strict, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.args = (w, l, strict, scale)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = native_bwd(q, k, v, o, do.contiguous(), lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+native_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, l: int, strict: bool,
+                     scale: float) -> torch.Tensor:
     """Local window ``w`` (0: none) plus the strided columns of stride ``l`` (0: none).
 
-    q, k, v [B, H, n, D] float32 on the CPU; returns [B, H, n, D].
+    q, k, v [B, H, n, D] float32 on the CPU, D a kernel width (``padded_dim``),
+    the kernel for it loaded; returns [B, H, n, D].
     """
-
-    @staticmethod
-    def forward(ctx, q, k, v, lib, w: int, l: int, strict: bool, scale: float):
-        B, H, n, D = q.shape
-        pad = -n % l if l else 0
-        N = n + pad
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
-        q, k, v = (t.reshape(B * H, N, D).contiguous() for t in (q, k, v))
-        o = torch.empty_like(q)
-        lse = torch.empty(B * H, N, dtype=torch.float32)
-        rc = lib.st_forward(B * H, N, w, l, int(strict), scale, torch.get_num_threads(), *map(_ptr, (q, k, v, o, lse)))
-        if rc != 0:
-            raise MemoryError("native attention kernel: out of memory for its scratch buffers")
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (lib, w, l, strict, scale, (B, H, n, D))
-        return o.view(B, H, N, D)[:, :, :n]
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        lib, w, l, strict, scale, (B, H, n, D) = ctx.args
-        N = q.shape[1]
-        if N != n:
-            do = F.pad(do, (0, 0, 0, N - n))
-        do = do.reshape(B * H, N, D).to(torch.float32).contiguous()
-        dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
-        rc = lib.st_backward(
-            B * H, N, w, l, int(strict), scale, torch.get_num_threads(), *map(_ptr, (q, k, v, o, do, lse, dq, dk, dv))
-        )
-        if rc != 0:
-            raise MemoryError("native attention kernel: out of memory for its scratch buffers")
-        back = lambda g: g.view(B, H, N, D)[:, :, :n]  # noqa: E731
-        return back(dq), back(dk), back(dv), None, None, None, None, None
+    B, H, n, D = q.shape
+    pad = -n % l if l else 0
+    N = n + pad
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
+    q, k, v = (t.reshape(B * H, N, D).contiguous() for t in (q, k, v))
+    o, _ = native_fwd(q, k, v, w, l, strict, scale)
+    return o.view(B, H, N, D)[:, :, :n]
