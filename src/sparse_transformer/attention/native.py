@@ -123,6 +123,13 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _built(head_dim: int) -> ctypes.CDLL:
+    lib = load(head_dim)
+    if lib is None:
+        raise ValueError(f"the native attention kernel for head width {head_dim} could not be built (see the warning)")
+    return lib
+
+
 def _check(rc: int) -> None:
     if rc != 0:
         raise MemoryError("native attention kernel: out of memory for its scratch buffers")
@@ -135,7 +142,7 @@ def native_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, l: int, strict: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v (BH, N, D) contiguous float32, N a multiple of l -> o (BH, N, D) and log-sum-exps (BH, N)."""
-    lib = load(q.shape[-1])
+    lib = _built(q.shape[-1])
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32)
     _check(lib.st_forward(q.shape[0], q.shape[1], w, l, int(strict), scale, torch.get_num_threads(),
@@ -154,7 +161,7 @@ def native_bwd(
     w: int, l: int, strict: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v (each (BH, N, D)) given the output gradient ``do``."""
-    lib = load(q.shape[-1])
+    lib = _built(q.shape[-1])
     dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
     _check(lib.st_backward(q.shape[0], q.shape[1], w, l, int(strict), scale, torch.get_num_threads(),
                            *map(_ptr, (q, k, v, o, do, lse, dq, dk, dv))))
