@@ -27,6 +27,7 @@ def test_compare_quick(data_dir, tmp_path):
         (m, p) for m in ("text", "images") for p in ("compressors", "dense", "strided", "fixed")]
     for x in rows:
         assert 0 < x["val_bits_per_dim"] < 8.5
+    assert [x["rotary"] for x in rows if x["model"] != "compressors"] == [True] * 3 + [False] * 3
     r = run_cli("bench", "compare", "--modalities", "audio")
     assert r.returncode == 2 and "allowed: text, images" in r.stderr
 

@@ -70,9 +70,10 @@ def test_model_is_causal(pattern, combine):
         assert torch.allclose(m(y)[:, : t + 1], base[:, : t + 1], atol=1e-6)
 
 
-def test_half_size_qk_matches_reference_attention(monkeypatch):
+@pytest.mark.parametrize("rotary", [False, True])
+def test_half_size_qk_matches_reference_attention(monkeypatch, rotary):
     torch.manual_seed(0)
-    m = SparseTransformer(small(qk_ratio=0.5, ff_mult=2.0))
+    m = SparseTransformer(small(qk_ratio=0.5, ff_mult=2.0, rotary=rotary))
     torch.nn.init.normal_(m.head.weight)
     x = torch.randint(0, 256, (2, 64))
     fast = m(x)
@@ -147,6 +148,45 @@ def test_incremental_decoding_matches_full_forward(pattern, combine, recompute):
     for t in range(45):
         logits = m.step(None if t == 0 else x[:, t - 1], t, cache)
         assert torch.allclose(logits, full[:, t], atol=1e-4, rtol=1e-4), (t, (logits - full[:, t]).abs().max())
+
+
+@pytest.mark.parametrize("pattern,combine", [("dense", "merged"), ("strided", "multihead"), ("fixed", "interleaved")])
+def test_rotary_model_is_causal_and_decodes_like_the_full_forward(pattern, combine):
+    torch.manual_seed(0)
+    cfg = small(pattern=pattern, combine=combine, n_ctx=45, stride=6, c=2, qk_ratio=0.5, rotary=True)
+    m = SparseTransformer(cfg).eval()
+    torch.nn.init.normal_(m.head.weight)
+    x = torch.randint(0, 256, (2, 45))
+    with torch.no_grad():
+        full = m(x)
+        cfg.rotary = False
+        plain = SparseTransformer(cfg).eval()
+        plain.load_state_dict(m.state_dict())
+        assert not torch.allclose(plain(x), full, atol=1e-3)  # the rotation is applied
+        y = x.clone()
+        y[:, 20:] = torch.randint(0, 256, (2, 25))
+        assert torch.allclose(m(y)[:, :21], full[:, :21], atol=1e-6)
+    cache = m.new_cache(2)
+    for t in range(45):
+        logits = m.step(None if t == 0 else x[:, t - 1], t, cache)
+        assert torch.allclose(logits, full[:, t], atol=1e-4, rtol=1e-4), (t, (logits - full[:, t]).abs().max())
+
+
+def test_rotary_scores_depend_on_the_offset_only():
+    from sparse_transformer.model.model import rotate
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 8, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64)
+
+    def score(i, j):
+        return (rotate(q, torch.tensor([i])) * rotate(k, torch.tensor([j]))).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(3, 0), abs=1e-5)
+    assert score(1_000_003, 1_000_000) == pytest.approx(score(3, 0), abs=1e-4)
+    assert score(3, 0) != pytest.approx(score(4, 0), abs=1e-3)
+    assert torch.equal(rotate(q, torch.tensor([0])).float(), q.float())  # position 0 is not rotated
+    with pytest.raises(ValueError, match="model.rotary needs an even query/key width"):
+        SparseTransformer(small(d_model=12, n_head=4, rotary=True))
 
 
 def test_generate_cached_equals_naive_and_is_seeded():

@@ -97,7 +97,7 @@ def attention_weights(model, x: torch.Tensor, position: int) -> np.ndarray:
     out = []
     for blk, h in zip(model.blocks, captured):
         attn = blk.attn
-        q, k, _ = (attn.split(t) for t in attn.project(h))
+        q, k, _ = attn.heads(h)
         q, k = q[0, :, position], k[0]  # (H, Dqk), (H, T, Dqk)
         scores = torch.einsum("hd,htd->ht", q.float(), k.float()) / math.sqrt(q.shape[-1])
         pats = per_head_patterns(attn.pattern, attn.n_head)

@@ -83,6 +83,8 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 def _fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)

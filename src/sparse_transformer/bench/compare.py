@@ -29,10 +29,14 @@ from ..train.loop import train
 from .common import machine_info, table
 
 # Per modality: the data, the model's layout and the attention settings (stride ~ sqrt(n_ctx); a row for images).
+# Text adds rotary position embeddings (model.rotary, not in the paper): with context 2048 and one passage per
+# step, the paper's learned embeddings alone leave dense and strided models on a byte-bigram plateau for thousands
+# of steps (BENCHMARKS.md, "the text plateau"). Images keep the paper's (row, column, channel) embeddings.
 MODALITIES = {
-    "text": {"data": "shakespeare", "n_ctx": 2048, "stride": 64, "c": 16, "data_shape": None, "steps": 2000, "batch": 1},
+    "text": {"data": "shakespeare", "n_ctx": 2048, "stride": 64, "c": 16, "data_shape": None, "steps": 2000, "batch": 1,
+             "rotary": True},
     "images": {"data": "fashion-mnist", "n_ctx": 784, "stride": 28, "c": 7, "data_shape": "28x28x1", "steps": 1500,
-               "batch": 4},
+               "batch": 4, "rotary": False},
 }
 FULL = {"d_model": 128, "n_layer": 4, "n_head": 4, "steps": 0, "batch_size": 0, "eval_bytes": 0}  # 0: per modality
 QUICK = {"d_model": 32, "n_layer": 2, "n_head": 2, "steps": 10, "batch_size": 2, "eval_bytes": 4 * 784}
@@ -50,7 +54,7 @@ def compressor_bits(data: bytes) -> dict[str, float]:
 
 def run_compare(
     *, modalities=("text", "images"), patterns=("dense", "strided", "fixed"), quick: bool = False,
-    steps: int | None = None, precision: str = "float32", data_dir: str = "data", out_dir: str | None = None, progress=print,
+    steps: int | None = None, precision: str = "float32", rotary: bool | None = None, data_dir: str = "data", out_dir: str | None = None, progress=print,
 ) -> dict:
     size = dict(QUICK if quick else FULL)
     if steps:
@@ -66,6 +70,7 @@ def run_compare(
         n_eval = size["eval_bytes"] or len(val)
         n_ctx = m["n_ctx"] if not quick or modality == "images" else 256
         stride = m["stride"] if not quick or modality == "images" else 16
+        rot = m["rotary"] if rotary is None else rotary
         floor = compressor_bits(val[:n_eval].tobytes())
         rows.append({"modality": modality, "model": "compressors", "val_bits_per_dim": floor["xz"], **floor})
         progress(f"{modality}: xz {floor['xz']:.3f}, bz2 {floor['bz2']:.3f}, zlib {floor['zlib']:.3f} bits/dim")
@@ -74,6 +79,7 @@ def run_compare(
                 ("model.n_ctx", str(n_ctx)), ("model.stride", str(stride)), ("model.c", str(min(m["c"], stride))),
                 ("model.pattern", pattern), ("model.combine", "merged"), ("model.d_model", str(size["d_model"])),
                 ("model.n_layer", str(size["n_layer"])), ("model.n_head", str(size["n_head"])),
+                ("model.rotary", "true" if rot else "false"),
                 ("train.steps", str(n_steps)), ("train.batch_size", str(batch)),
                 ("train.warmup", str(max(1, n_steps // 10))), ("train.eval_every", "0"),
                 ("train.eval_max_bytes", str(n_eval)), ("train.sample_bytes", "0"), ("train.time_limit", "0"),
@@ -84,7 +90,7 @@ def run_compare(
                 overrides.append(("model.data_shape", m["data_shape"]))
             cfg = build_config("quick", None, overrides)
             summary = train(cfg, show_progress=False, echo=lambda *_: None)
-            row = {"modality": modality, "model": pattern, "n_ctx": n_ctx, "stride": stride, "batch": batch,
+            row = {"modality": modality, "model": pattern, "rotary": rot, "n_ctx": n_ctx, "stride": stride, "batch": batch,
                    "steps": summary["steps"], "s_per_iter": summary["train_seconds"] / max(summary["steps"], 1),
                    "val_bits_per_dim": summary["val_bits_per_dim"], "val_bytes": summary["val_bytes"],
                    "parameters": summary["parameters"], "run_dir": summary["out_dir"]}
@@ -153,7 +159,7 @@ def report_compare(result: dict) -> str:
     c = result["config"]
     head = f"compare: {c['n_layer']} layers, d {c['d_model']}, {c['n_head']} heads{' (quick)' if c['quick'] else ''}"
     head += f", {c.get('precision', 'float32')}"
-    cols = [("modality", "data"), ("model", "model"), ("n_ctx", "context"), ("batch", "batch"), ("steps", "steps"),
+    cols = [("modality", "data"), ("model", "model"), ("rotary", "rotary"), ("n_ctx", "context"), ("batch", "batch"), ("steps", "steps"),
             ("s_per_iter", "s/iter"), ("val_bits_per_dim", "val bits/dim"), ("xz", "xz"), ("bz2", "bz2"), ("zlib", "zlib")]
     return head + "\n" + table(result["results"], cols)
 

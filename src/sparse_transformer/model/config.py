@@ -18,6 +18,12 @@ class ModelConfig:
     CIFAR-10; it drives the factorized position embeddings (one table per
     dimension). Empty for text and audio: then the positions are the (row,
     column) of a matrix whose width is the stride.
+
+    rotary: also rotate queries and keys by their position (RoPE, Su et al.
+    2021), so that q.k sees the relative offset from the first step. Not in
+    the paper; with long contexts and few sequences per step it lets a small
+    model learn to look at the last few bytes far sooner (BENCHMARKS.md, "the
+    text plateau").
     """
 
     n_ctx: int = 1024
@@ -35,6 +41,7 @@ class ModelConfig:
     activation: str = "gelu"
     data_shape: list[int] = field(default_factory=list)
     recompute: bool = False
+    rotary: bool = False  # rotary embedding of queries and keys on top of the paper's (not in the paper)
     vocab_size: int = 256
 
     def validate(self) -> None:
@@ -53,6 +60,8 @@ class ModelConfig:
         need(0 < self.qk_ratio <= 1, f"model.qk_ratio must be in (0, 1], got {self.qk_ratio}")
         qk = self.d_model * self.qk_ratio
         need(qk == int(qk) and int(qk) % self.n_head == 0, f"model.d_model * model.qk_ratio ({qk}) must be a multiple of model.n_head ({self.n_head})")
+        need(not self.rotary or (int(qk) // self.n_head) % 2 == 0,
+             f"model.rotary needs an even query/key width per head, got {int(qk) // self.n_head}")
         need(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout}")
         need(self.c <= self.stride, f"model.c must be in [1, model.stride={self.stride}], got {self.c}")
         if self.data_shape:

@@ -1,6 +1,7 @@
 """The Sparse Transformer (paper sections 5.2, 5.3 and 6), readable top to bottom.
 
     h_0 = embed(start token, x shifted right) + factorized position embeddings
+    (optionally, queries and keys rotated by position: ``rotary``, not in the paper)
     h_k = h_{k-1} + a + b,   a = dropout(attn(norm(h_{k-1}))),
                              b = dropout(ff(norm(h_{k-1} + a)))
     logits = norm(h_N) W_out
@@ -50,12 +51,28 @@ class PositionEmbedding(nn.Module):
         return out
 
 
+def rotate(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding: x (..., T, D) rotated by positions ``pos`` (T,).
+
+    Channel pairs (i, i + D/2) turn by pos * base^(-2i/D), so that
+    rotate(q, i) . rotate(k, j) depends on i - j only. Angles are formed in
+    float64 (positions reach 10^6) and the rotation is done in float32.
+    """
+    D = x.shape[-1]
+    inv = base ** (-torch.arange(0, D // 2, device=x.device, dtype=torch.float64) / (D // 2))
+    ang = pos.to(torch.float64)[:, None] * inv  # (T, D/2)
+    cos, sin = ang.cos().float(), ang.sin().float()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head sparse self-attention. Queries and keys may be narrower (qk_ratio)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_head, self.d_qk, self.d_v = cfg.n_head, cfg.d_qk, cfg.d_model
+        self.rotary = cfg.rotary
         # q, k and v in one matrix product: [W_q; W_k; W_v], widths d_qk, d_qk, d_model.
         self.qkv = nn.Linear(cfg.d_model, 2 * cfg.d_qk + cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
@@ -70,9 +87,17 @@ class Attention(nn.Module):
         B, T, C = x.shape
         return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, C/H)
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) at positions 0..T-1 -> q, k (B, H, T, d_qk/H), v (B, H, T, C/H)."""
+        q, k, v = (self.split(t) for t in self.project(x))
+        if self.rotary:
+            pos = torch.arange(x.shape[1], device=x.device)
+            q, k = rotate(q, pos), rotate(k, pos)
+        return q, k, v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (self.split(t) for t in self.project(x))
+        q, k, v = self.heads(x)
         scale = 1.0 / math.sqrt(q.shape[-1])
         if self.d_qk != self.d_v:
             # The fused kernels need one head width; zero columns leave q.k unchanged.
@@ -101,6 +126,9 @@ class Attention(nn.Module):
         B, C = x.shape
         H = self.n_head
         q, k_new, v_new = (t.reshape(B, H, -1) for t in self.project(x))
+        if self.rotary:
+            pos = torch.tensor([t], device=x.device)
+            q, k_new = rotate(q[:, :, None], pos)[:, :, 0], rotate(k_new[:, :, None], pos)[:, :, 0]
         scale = 1.0 / math.sqrt(q.shape[-1])
         out = x.new_zeros(B, H, C // H)
         for heads, group in cache:
