@@ -233,3 +233,18 @@ def test_native_kernel_compiles_into_one_graph():
     assert torch.allclose(got, want, atol=1e-6)
     for a, b in zip(got_grads, want_grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_cpu_decomposition_computes_half_precision_sparse_patterns_in_float32():
+    """On the CPU, auto runs the decomposition of sparse patterns in float32 for bfloat16 input (it is faster
+    there); the result is the float32 result rounded once, and gradients come back in bfloat16."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    for pattern in (P.Fixed(8, 2), [P.FixedBlock(8)] + [P.FixedSummary(8, 2)]):
+        out = sp.attention(q, k, v, pattern)
+        exact = sp.attention(q.detach().float(), k.detach().float(), v.detach().float(), pattern).to(torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, exact)
+        out.sum().backward()
+        assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
+    dense = sp.attention(q, k, v, P.Dense())  # one fused SDPA call, kept in bfloat16
+    assert dense.dtype == torch.bfloat16
