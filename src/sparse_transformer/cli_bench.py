@@ -193,7 +193,8 @@ def cmd_bench(args, extra) -> int:
         if args.steps is not None and args.steps < 1:
             raise UsageError("--steps must be >= 1")
         result = bc.run_compare(modalities=mods, patterns=pats, quick=args.quick, steps=args.steps, precision=args.precision,
-                                rotary=args.rotary, data_dir=args.data_dir, out_dir=args.out_dir, progress=lambda m: print(m, file=sys.stderr))
+                                rotary=args.rotary, data_dir=args.data_dir, out_dir=args.out_dir,
+                                progress=lambda m: print(m, file=sys.stderr))
         return _emit(result, bc.report_compare, args.json)
     if args.bench == "context":
         from .bench import compare as bc

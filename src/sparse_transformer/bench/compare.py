@@ -54,7 +54,8 @@ def compressor_bits(data: bytes) -> dict[str, float]:
 
 def run_compare(
     *, modalities=("text", "images"), patterns=("dense", "strided", "fixed"), quick: bool = False,
-    steps: int | None = None, precision: str = "float32", rotary: bool | None = None, data_dir: str = "data", out_dir: str | None = None, progress=print,
+    steps: int | None = None, precision: str = "float32", rotary: bool | None = None, data_dir: str = "data",
+    out_dir: str | None = None, progress=print,
 ) -> dict:
     size = dict(QUICK if quick else FULL)
     if steps:
@@ -90,7 +91,8 @@ def run_compare(
                 overrides.append(("model.data_shape", m["data_shape"]))
             cfg = build_config("quick", None, overrides)
             summary = train(cfg, show_progress=False, echo=lambda *_: None)
-            row = {"modality": modality, "model": pattern, "rotary": rot, "n_ctx": n_ctx, "stride": stride, "batch": batch,
+            row = {"modality": modality, "model": pattern, "rotary": rot, "n_ctx": n_ctx, "stride": stride,
+                   "batch": batch,
                    "steps": summary["steps"], "s_per_iter": summary["train_seconds"] / max(summary["steps"], 1),
                    "val_bits_per_dim": summary["val_bits_per_dim"], "val_bytes": summary["val_bytes"],
                    "parameters": summary["parameters"], "run_dir": summary["out_dir"]}
@@ -159,7 +161,8 @@ def report_compare(result: dict) -> str:
     c = result["config"]
     head = f"compare: {c['n_layer']} layers, d {c['d_model']}, {c['n_head']} heads{' (quick)' if c['quick'] else ''}"
     head += f", {c.get('precision', 'float32')}"
-    cols = [("modality", "data"), ("model", "model"), ("rotary", "rotary"), ("n_ctx", "context"), ("batch", "batch"), ("steps", "steps"),
+    cols = [("modality", "data"), ("model", "model"), ("rotary", "rotary"), ("n_ctx", "context"), ("batch", "batch"),
+            ("steps", "steps"),
             ("s_per_iter", "s/iter"), ("val_bits_per_dim", "val bits/dim"), ("xz", "xz"), ("bz2", "bz2"), ("zlib", "zlib")]
     return head + "\n" + table(result["results"], cols)
 
