@@ -49,34 +49,34 @@ def native_args(pattern: Pattern) -> tuple[int, int, bool] | None:
     return None
 
 
-def _use_native(q: torch.Tensor, pats: list[Pattern], backend: str):
-    """The native library if this call should run on it, else None (saying why when asked for it)."""
+def _use_native(q: torch.Tensor, pats: list[Pattern], backend: str) -> bool:
+    """Whether this call runs on the native kernel (saying why not when it was asked for)."""
     if backend not in ("auto", "native"):
         return None
     explicit = backend == "native"
     if q.device.type != "cpu":
         if explicit:
             raise ValueError(f"backend 'native' needs CPU tensors, got device {q.device}")
-        return None
+        return False
     if q.dtype == torch.float64:
         if explicit:
             raise ValueError("backend 'native' computes in float32; float64 runs on backend 'cpu'")
-        return None  # float64 keeps its precision on the decomposition
+        return False  # float64 keeps its precision on the decomposition
     unsupported = [p for p in pats if native_args(p) is None]
     if unsupported:
         if explicit:
             raise ValueError(
                 f"backend 'native' computes Strided, Local and StridedColumns patterns only, got {unsupported[0]!r}"
             )
-        return None  # Dense and Fixed run on the fused-SDPA decomposition, their designed path
+        return False  # Dense and Fixed run on the fused-SDPA decomposition, their designed path
     if not native.enabled():
         if explicit:
             raise ValueError("backend 'native' is turned off by SPARSE_TRANSFORMER_NATIVE=0")
-        return None
-    lib = native.load(native.padded_dim(q.shape[-1]))
-    if lib is None and explicit:
+        return False
+    ok = native.available(native.padded_dim(q.shape[-1]))
+    if not ok and explicit:
         raise ValueError("backend 'native': the kernel could not be built (see the warning)")
-    return lib
+    return ok
 
 
 def per_head_patterns(pattern: Pattern | Sequence[Pattern], n_head: int) -> list[Pattern]:
@@ -132,8 +132,8 @@ def attention(
         scale = default_scale(D)
     if backend == "reference":
         return reference_attention(q, k, v, pats, scale)
-    lib = _use_native(q, pats, backend)
-    kernel = None if lib is not None else select_kernel(q.device, "auto" if backend == "native" else backend)
+    use_native = _use_native(q, pats, backend)
+    kernel = None if use_native else select_kernel(q.device, "auto" if backend == "native" else backend)
 
     # On the CPU, bfloat16/float16 SDPA with masks and gathers is slower than float32 (2048 positions, D 32:
     # Fixed forward+backward 0.047 s in bfloat16 against 0.026 s upcast), so the decomposition of a sparse
@@ -141,7 +141,7 @@ def attention(
     upcast = backend == "auto" and q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
     def run(q, k, v, p: Pattern, head: int) -> torch.Tensor:
-        if lib is None:
+        if not use_native:
             if upcast and not isinstance(p, Dense):
                 q, k, v = q.float(), k.float(), v.float()
             return SparseAttentionFunction.apply(q, k, v, make_plan(p, head, N), kernel, scale).to(dtype)

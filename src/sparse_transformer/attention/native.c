@@ -16,7 +16,8 @@
  * Layout: q, k, v, o, do, dq, dk, dv are [BH][N][HD] contiguous float32;
  * lse is [BH][N]. N is a multiple of l for the column pass. HD (the head
  * width) is fixed at compile time (-DHD=64); it must be a multiple of 16.
- * Plain C with GCC/Clang vector extensions, OpenMP for the threads.
+ * Plain C with GCC/Clang vector extensions, OpenMP for the threads; the
+ * vector width follows the target instruction set (see VL below).
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,33 +31,77 @@
 #error "HD must be a multiple of 16"
 #endif
 
-#define VL 16   /* floats per vector */
-#define TQ 32   /* queries per tile */
-#define MR 4    /* rows per micro-kernel block */
+/* The vector width and the register blocking of the GEMM micro-kernel follow
+ * the instruction set the compiler targets (-march / -mcpu):
+ *   AVX-512      16 floats, 32 registers: blocks of 4 rows x 4 vectors (16
+ *                accumulators), or 8 rows x 2 vectors when C is 2 vectors wide;
+ *   AVX2 + FMA    8 floats, 16 registers: 6 rows x 2 vectors (12 accumulators,
+ *                2 for B, 1 for the broadcast of A), the classic AVX2 sgemm shape;
+ *   arm64 NEON    4 floats, 32 registers: 4 rows x 4 vectors (16 accumulators);
+ *   anything else 4 floats (SSE2, or whatever the compiler makes of the vector
+ *                extension), 4 rows x 2 vectors.
+ * A block that needs more registers than exist spills on every FMA: 4 x 4
+ * blocks of 16 floats compiled for AVX2 ran 20x slower than this. */
+#if defined(VL)  /* all six given with -D, for experiments */
+#elif defined(__AVX512F__)
+#define VL 16
+#define TQ 32         /* queries per tile */
+#define MR_WIDE 4
+#define NV_WIDE 4
+#define MR_NARROW 8   /* when C is at most 2 vectors wide */
+#define NV_NARROW 2
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VL 8
+#define TQ 16         /* a narrower tile wastes fewer keys of the local window: 5% faster */
+#define MR_WIDE 6
+#define NV_WIDE 2
+#define MR_NARROW 6
+#define NV_NARROW 2
+#elif defined(__ARM_NEON) || defined(__ARM_NEON__)
+#define VL 4
+#define TQ 16
+#define MR_WIDE 4
+#define NV_WIDE 4
+#define MR_NARROW 8
+#define NV_NARROW 2
+#else
+#define VL 4
+#define TQ 16
+#define MR_WIDE 4
+#define NV_WIDE 2
+#define MR_NARROW 4
+#define NV_NARROW 2
+#endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+/* Which build this is, for the loader to check: floats per vector. */
+int st_vector_width(void) { return VL; }
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
 
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf splat(float x) { vf v = {0}; return v + x; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }
-static inline int up16(int x) { return (x + 15) & ~15; }
 
 /* Left alone, GCC folds the loads of B into every FMA that uses them (MR
  * loads of each vector instead of one), and the micro-kernel becomes bound by
  * loads: this empty asm pins the vector in a register (2x faster, AVX-512). */
-#if defined(__AVX512F__) && (defined(__GNUC__) || defined(__clang__))
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512F__)
 #define KEEP_IN_REGISTER(x) __asm__("" : "+v"(x))
+#elif (defined(__GNUC__) || defined(__clang__)) && defined(__AVX2__)
+#define KEEP_IN_REGISTER(x) __asm__("" : "+x"(x))
+#elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
+#define KEEP_IN_REGISTER(x) __asm__("" : "+w"(x))
 #else
 #define KEEP_IN_REGISTER(x) ((void)0)
 #endif
 
 /* ------------------------------------------------------------------ GEMM
- * C[M][N] (+)= op(A)[M][K] B[K][N], N a multiple of 16, row-major with
+ * C[M][N] (+)= op(A)[M][K] B[K][N], N a multiple of VL, row-major with
  * leading dimensions; op(A) = A (gemm_nn) or A read transposed, A[k][m]
- * (gemm_tn). Register blocks: 4 rows x 4 vectors, or 8 rows x 2 vectors. */
+ * (gemm_tn). Register blocks of mb <= 8 rows x nvb <= 4 vectors (above). */
 static inline __attribute__((always_inline)) void
 micro(int mb, int nvb, int at, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc, int acc)
 {
@@ -81,24 +126,22 @@ micro(int mb, int nvb, int at, int K, const float *A, int lda, const float *B, i
         }
 }
 
+/* One case per block shape the drivers can ask for: mb <= 8 rows, nvb <= 4. */
 #define MC(mb, nvb, at) case (mb) * 8 + (nvb): micro(mb, nvb, at, K, a, lda, b, ldb, c, ldc, acc); break;
+#define MC4(mb, at) MC(mb, 4, at) MC(mb, 3, at) MC(mb, 2, at) MC(mb, 1, at)
 #define GEMM(name, AT)                                                                              \
 static void name(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc, int acc) \
 {                                                                                                   \
-    int rs = N <= 2 * VL ? 8 : 4;                                                                   \
+    int narrow = N <= 2 * VL, rs = narrow ? MR_NARROW : MR_WIDE, nvmax = narrow ? NV_NARROW : NV_WIDE; \
     for (int i = 0; i < M; i += rs) {                                                               \
         int mb = imin(rs, M - i);                                                                   \
-        for (int j = 0; j < N; j += 4 * VL) {                                                       \
-            int nvb = imin(4, (N - j) / VL);                                                        \
+        for (int j = 0; j < N; j += nvmax * VL) {                                                   \
+            int nvb = imin(nvmax, (N - j) / VL);                                                    \
             const float *a = AT ? A + i : A + (size_t)i * lda, *b = B + j;                          \
             float *c = C + (size_t)i * ldc + j;                                                     \
             switch (mb * 8 + nvb) {                                                                 \
-                MC(8, 2, AT) MC(7, 2, AT) MC(6, 2, AT) MC(5, 2, AT)                                 \
-                MC(8, 1, AT) MC(7, 1, AT) MC(6, 1, AT) MC(5, 1, AT)                                 \
-                MC(4, 4, AT) MC(4, 3, AT) MC(4, 2, AT) MC(4, 1, AT)                                 \
-                MC(3, 4, AT) MC(3, 3, AT) MC(3, 2, AT) MC(3, 1, AT)                                 \
-                MC(2, 4, AT) MC(2, 3, AT) MC(2, 2, AT) MC(2, 1, AT)                                 \
-                MC(1, 4, AT) MC(1, 3, AT) MC(1, 2, AT) MC(1, 1, AT)                                 \
+                MC4(8, AT) MC4(7, AT) MC4(6, AT) MC4(5, AT)                                         \
+                MC4(4, AT) MC4(3, AT) MC4(2, AT) MC4(1, AT)                                         \
             }                                                                                       \
         }                                                                                           \
     }                                                                                               \
@@ -106,40 +149,46 @@ static void name(int M, int N, int K, const float *A, int lda, const float *B, i
 GEMM(gemm_nn, 0)
 GEMM(gemm_tn, 1)
 
-/* dst[c][r] = src[r][c] for r < R, c < HD (dst has TQ columns; columns R.. are zeroed). */
-static void transpose_tile(const float *src, int R, float *dst)
+/* dst[c][r] = mul * src[r][c] for r < R, c < HD (dst has TQ columns; columns R.. are zeroed). */
+static void transpose_tile(const float *src, int R, float *dst, float mul)
 {
     for (int c = 0; c < HD; c++) {
-        for (int r = 0; r < R; r++) dst[c * TQ + r] = src[(size_t)r * HD + c];
+        for (int r = 0; r < R; r++) dst[c * TQ + r] = mul * src[(size_t)r * HD + c];
         for (int r = R; r < TQ; r++) dst[c * TQ + r] = 0.f;
     }
 }
 
 /* --------------------------------------------------------------- softmax
  * Scores are kept transposed, St[j][a] for key j and query a of a tile
- * (TQ = 2 vectors of queries), so the softmax over keys runs down the
+ * (TQ / VL vectors of queries), so the softmax over keys runs down the
  * columns: vectorised over queries, with no horizontal reductions. Query a
- * may attend keys lo[a]..hi[a]. */
+ * may attend keys lo[a]..hi[a]. The scores are in base 2: the queries are
+ * multiplied by scale * log2(e) as they are transposed, so the softmax needs
+ * no multiplication per score and exponentiates with 2^x. The log-sum-exps
+ * it returns are natural (they are merged and saved in that unit). */
+#define LOG2E 1.44269504088896341f
+#define LN2 0.69314718055994531f
 static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
 static inline vf vand(vf a, vi m) { return (vf)((vi)a & m); }
 static inline vi isplat(int x) { vi v = {0}; return v + x; }
 
-static inline vf vexp(vf x)
+static inline vf vexp2(vf x)
 {
-    /* e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln(2)/2; degree-6 Taylor
-     * polynomial, relative error below 2e-7. x is clamped to [-87, 88]. */
-    x = vmax(x, splat(-87.0f));
-    x = vsel(x > splat(88.0f), splat(88.0f), x);
+    /* 2^x = 2^n 2^r with n = round(x), |r| <= 1/2; degree-6 Taylor polynomial
+     * of e^(r ln 2), relative error below 2e-7. x is clamped to [-126, 126]
+     * (NaN becomes -126; the callers mask such entries). */
+    x = vmax(x, splat(-126.0f));
+    x = vsel(x > splat(126.0f), splat(126.0f), x);
     const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vf n = (x * 1.44269504088896341f + magic) - magic;
-    vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-    vf p = splat(1.0f / 720);
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
+    vf n = (x + magic) - magic;
+    vf r = x - n;
+    vf p = splat(1.5403530393381606e-4f);
+    p = p * r + 1.3333558146428443e-3f;
+    p = p * r + 9.6181291076284772e-3f;
+    p = p * r + 5.5504108664821580e-2f;
+    p = p * r + 2.4022650695910071e-1f;
+    p = p * r + 6.9314718055994531e-1f;
     p = p * r + 1.0f;
     vi e = (__builtin_convertvector(n, vi) + 127) << 23;
     return p * (vf)e;
@@ -147,7 +196,7 @@ static inline vf vexp(vf x)
 
 /* Forward: leaves unnormalised probabilities in St (0 where not allowed),
  * the log-sum-exp of each query in lse (-inf: no key) and 1/sum in inv (0: no key). */
-static void softmax_cols(float *St, int W, const int *lo, const int *hi, float scale, float *lse, float *inv)
+static void softmax_cols(float *St, int W, const int *lo, const int *hi, float *lse, float *inv)
 {
     for (int v = 0; v < TQ / VL; v++) {
         vi vlo, vhi;
@@ -156,37 +205,37 @@ static void softmax_cols(float *St, int W, const int *lo, const int *hi, float s
         vf m = splat(-INFINITY);
         for (int j = 0; j < W; j++) {
             vi ok = (isplat(j) >= vlo) & (isplat(j) <= vhi);
-            m = vmax(m, vsel(ok, ld(St + (size_t)j * TQ + v * VL) * scale, splat(-INFINITY)));
+            m = vmax(m, vsel(ok, ld(St + (size_t)j * TQ + v * VL), splat(-INFINITY)));
         }
         vf sum = splat(0.f);
         for (int j = 0; j < W; j++) {
             float *p = St + (size_t)j * TQ + v * VL;
             vi ok = (isplat(j) >= vlo) & (isplat(j) <= vhi);
-            vf e = vand(vexp(ld(p) * scale - m), ok);
+            vf e = vand(vexp2(ld(p) - m), ok);
             sum += e;
             st(p, e);
         }
         for (int t = 0; t < VL; t++) {
             int a = v * VL + t;
-            lse[a] = sum[t] > 0 ? m[t] + logf(sum[t]) : -INFINITY;
+            lse[a] = sum[t] > 0 ? (m[t] + log2f(sum[t])) * LN2 : -INFINITY;
             inv[a] = sum[t] > 0 ? 1.0f / sum[t] : 0.f;
         }
     }
 }
 
-/* Backward: P = exp(S * scale - lse) in St, dS = P * (dP - delta) * scale in dPt. */
+/* Backward: P = 2^(S - lse log2 e) in St (S in base 2), dS = P * (dP - delta) * scale in dPt. */
 static void grad_cols(float *St, float *dPt, int W, const int *lo, const int *hi, float scale, const float *lse, const float *delta)
 {
     for (int v = 0; v < TQ / VL; v++) {
         vi vlo, vhi;
         memcpy(&vlo, lo + v * VL, sizeof vlo);
         memcpy(&vhi, hi + v * VL, sizeof vhi);
-        vf L = ld(lse + v * VL), D = ld(delta + v * VL);
+        vf L = ld(lse + v * VL) * LOG2E, D = ld(delta + v * VL);
         vi fin = (L > splat(-INFINITY)) & (L < splat(INFINITY));
         for (int j = 0; j < W; j++) {
             float *ps = St + (size_t)j * TQ + v * VL, *pd = dPt + (size_t)j * TQ + v * VL;
             vi ok = (isplat(j) >= vlo) & (isplat(j) <= vhi) & fin;
-            vf p = vand(vexp(ld(ps) * scale - L), ok);
+            vf p = vand(vexp2(ld(ps) - L), ok);
             st(ps, p);
             st(pd, vand(p * (ld(pd) - D) * scale, ok));
         }
@@ -216,24 +265,24 @@ typedef struct {
 static void tile_fwd(const float *Qr, const float *Kr, const float *Vr, int rows, int W, TileScratch *ts,
                      float *St, float *Or, float scale)
 {
-    transpose_tile(Qr, rows, ts->Qt);
+    transpose_tile(Qr, rows, ts->Qt, scale * LOG2E);
     gemm_nn(W, TQ, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0);                 /* St = K Q^T      (W, TQ) */
-    softmax_cols(St, W, ts->lo, ts->hi, scale, ts->lse, ts->inv);
+    softmax_cols(St, W, ts->lo, ts->hi, ts->lse, ts->inv);
     gemm_tn(rows, HD, W, St, TQ, Vr, HD, Or, HD, 0);                  /* O = P V         (rows, HD) */
     scale_rows(Or, rows, ts->inv);
 }
 
 static void tile_bwd(const float *Qr, const float *Kr, const float *Vr, const float *dOr, int rows, int W,
-                     TileScratch *ts, float *St, float *dPt, float *dQr, float *dKr, float *dVr, float scale)
+                     TileScratch *ts, float *St, float *dPt, float *dQr, float *dKr, float *dVr, int ldd, float scale)
 {
-    transpose_tile(Qr, rows, ts->Qt);
-    transpose_tile(dOr, rows, ts->dOt);
+    transpose_tile(Qr, rows, ts->Qt, scale * LOG2E);
+    transpose_tile(dOr, rows, ts->dOt, 1.0f);
     gemm_nn(W, TQ, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0);                 /* S^T  = K Q^T    (W, TQ) */
     gemm_nn(W, TQ, HD, Vr, HD, ts->dOt, TQ, dPt, TQ, 0);               /* dP^T = V dO^T   (W, TQ) */
     grad_cols(St, dPt, W, ts->lo, ts->hi, scale, ts->lse, ts->delta);
-    gemm_tn(rows, HD, W, dPt, TQ, Kr, HD, dQr, HD, 1);                /* dQ += dS K      (rows, HD) */
-    gemm_nn(W, HD, rows, St, TQ, dOr, HD, dVr, HD, 1);                /* dV += P^T dO    (W, HD) */
-    gemm_nn(W, HD, rows, dPt, TQ, Qr, HD, dKr, HD, 1);                /* dK += dS^T Q    (W, HD) */
+    gemm_tn(rows, HD, W, dPt, TQ, Kr, HD, dQr, ldd, 1);               /* dQ += dS K      (rows, HD) */
+    gemm_nn(W, HD, rows, St, TQ, dOr, HD, dVr, ldd, 1);               /* dV += P^T dO    (W, HD) */
+    gemm_nn(W, HD, rows, dPt, TQ, Qr, HD, dKr, ldd, 1);               /* dK += dS^T Q    (W, HD) */
 }
 
 /* Local pass: queries r0..r0+TQ-1 attend keys i-w < j <= i, read as one window from j0. */
@@ -270,7 +319,7 @@ static void local_bwd(const Shape *sh, const float *Q, const float *K, const flo
     }
     float *St = (float *)(ts + 1), *dPt = St + (size_t)(sh->w + TQ) * TQ;
     tile_bwd(Q + (size_t)r0 * HD, K + (size_t)j0 * HD, V + (size_t)j0 * HD, dO + (size_t)r0 * HD, rows, W, ts,
-             St, dPt, dQ + (size_t)r0 * HD, dK + (size_t)j0 * HD, dV + (size_t)j0 * HD, sh->scale);
+             St, dPt, dQ + (size_t)r0 * HD, dK + (size_t)j0 * HD, dV + (size_t)j0 * HD, HD, sh->scale);
 }
 
 static size_t local_buf_floats(int w)
@@ -281,7 +330,7 @@ static size_t local_buf_floats(int w)
 /* Column pass: the M = N / l positions c, c+l, ... of one column, gathered. */
 static size_t col_buf_floats(int M)
 {
-    return sizeof(TileScratch) / sizeof(float) + 7 * (size_t)M * HD + 2 * (size_t)M * TQ + TQ * HD + 2 * (size_t)M + 64;
+    return sizeof(TileScratch) / sizeof(float) + 4 * (size_t)M * HD + 2 * (size_t)M * TQ + TQ * HD + 2 * (size_t)M + 64;
 }
 
 static void gather(const float *X, int M, int l, int c, float *dst)
@@ -341,14 +390,12 @@ static void col_bwd(const Shape *sh, const float *Q, const float *K, const float
     int l = sh->l, M = sh->N / l;
     TileScratch *ts = (TileScratch *)buf;
     float *Qc = (float *)(ts + 1), *Kc = Qc + (size_t)M * HD, *Vc = Kc + (size_t)M * HD, *dOc = Vc + (size_t)M * HD;
-    float *dQc = dOc + (size_t)M * HD, *dKc = dQc + (size_t)M * HD, *dVc = dKc + (size_t)M * HD;
-    float *St = dVc + (size_t)M * HD, *dPt = St + (size_t)M * TQ, *Lc = dPt + (size_t)M * TQ, *Dc = Lc + M;
+    float *St = dOc + (size_t)M * HD, *dPt = St + (size_t)M * TQ, *Lc = dPt + (size_t)M * TQ, *Dc = Lc + M;
     gather(Q, M, l, c, Qc);
     gather(K, M, l, c, Kc);
     gather(V, M, l, c, Vc);
     gather(dO, M, l, c, dOc);
     for (int m = 0; m < M; m++) { Lc[m] = L[(size_t)m * l + c]; Dc[m] = Dl[(size_t)m * l + c]; }
-    memset(dQc, 0, sizeof(float) * 3 * (size_t)M * HD);
     for (int m0 = 0; m0 < M; m0 += TQ) {
         int rows, W = col_window(sh, m0, M, ts, &rows);
         if (W <= 0) continue;
@@ -356,16 +403,9 @@ static void col_bwd(const Shape *sh, const float *Q, const float *K, const float
             ts->lse[a] = a < rows ? Lc[m0 + a] : 0.f;
             ts->delta[a] = a < rows ? Dc[m0 + a] : 0.f;
         }
+        /* The gradients go straight into column c of dQ, dK, dV (row stride l * HD): this thread owns it. */
         tile_bwd(Qc + (size_t)m0 * HD, Kc, Vc, dOc + (size_t)m0 * HD, rows, W, ts, St, dPt,
-                 dQc + (size_t)m0 * HD, dKc, dVc, sh->scale);
-    }
-    for (int m = 0; m < M; m++) {
-        size_t i = ((size_t)m * l + c) * HD;
-        for (int d = 0; d < HD; d++) {
-            dQ[i + d] += dQc[(size_t)m * HD + d];
-            dK[i + d] += dKc[(size_t)m * HD + d];
-            dV[i + d] += dVc[(size_t)m * HD + d];
-        }
+                 dQ + ((size_t)m0 * l + c) * HD, dK + (size_t)c * HD, dV + (size_t)c * HD, l * HD, sh->scale);
     }
 }
 

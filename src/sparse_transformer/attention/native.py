@@ -1,13 +1,31 @@
 """The fused CPU kernel for local and strided attention (``native.c``, section 5.5).
 
 The C source ships with the package and is compiled on first use with the
-system's C compiler (``$CC``, else ``cc``) for this machine's CPU
-(``-O3 -march=native -fopenmp``), one library per head width, cached in
-``$SPARSE_TRANSFORMER_CACHE`` (default ``~/.cache/sparse_transformer``).
-Compiling takes about a second. When there is no compiler, or the build fails,
-``load`` warns once and returns None, and the attention runs on the fused-SDPA
-decomposition instead (exact, about 2.8x slower for Strided(128) at N=16384).
-Set ``SPARSE_TRANSFORMER_NATIVE=0`` to turn the kernel off.
+system's C compiler (``$CC``, else ``cc``), one library per head width, cached
+in ``$SPARSE_TRANSFORMER_CACHE`` (default ``~/.cache/sparse_transformer``).
+Compiling takes about a second.
+
+The instruction set follows PyTorch's CPU capability
+(``torch.backends.cpu.get_cpu_capability()``, which honours
+``ATEN_CPU_CAPABILITY``), so the whole stack runs at one level:
+
+==============  ===============================  ====================
+capability      compiler flags                   vector, registers
+==============  ===============================  ====================
+AVX512 (x86)    ``-march=native``                16 floats, 32
+AVX2 (x86)      ``-mavx2 -mfma -mtune=native``   8 floats, 16
+arm64           ``-mcpu=native``                 4 floats (NEON), 32
+anything else   none                             4 floats
+==============  ===============================  ====================
+
+``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine thus builds and runs the
+AVX2 kernel, as a machine without AVX-512 would. On macOS, OpenMP comes from
+the libomp that PyTorch ships (``-Xpreprocessor -fopenmp -lomp``).
+
+When there is no compiler, or the build fails, ``load`` warns once and returns
+None, and the attention runs on the fused-SDPA decomposition instead (exact,
+2-10x slower for Strided(128) at N=16384). Set ``SPARSE_TRANSFORMER_NATIVE=0``
+to turn the kernel off.
 
 The kernel computes in float32 (other dtypes are converted by the caller) on
 head widths that are multiples of 16 (the caller pads others with zeros).
@@ -23,6 +41,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -31,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
 
 _libs: dict[int, ctypes.CDLL | None] = {}
 _warned: set[str] = set()
@@ -71,16 +90,50 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(head_dim: int) -> Path:
-    """Compile (or find in the cache) the library for ``head_dim``; raises on failure."""
+def target(machine: str | None = None, capability: str | None = None) -> tuple[str, list[str]]:
+    """(name, instruction-set flags) of the build: follows PyTorch's CPU capability (see the module doc)."""
+    machine = (machine or platform.machine()).lower()
+    capability = (capability or torch.backends.cpu.get_cpu_capability()).upper()
+    if machine in ("x86_64", "amd64", "x86", "i686", "i386"):
+        if capability.startswith("AVX512"):
+            return "avx512", ["-march=native"]
+        if capability == "AVX2":
+            return "avx2", ["-mavx2", "-mfma", "-mtune=native"]
+        return "x86", []
+    if machine in ("arm64", "aarch64"):
+        return "neon", ["-mcpu=native"]
+    return machine or "generic", []
+
+
+def _openmp_flags() -> list[str]:
+    if sys.platform == "darwin":  # Apple clang: no -fopenmp driver flag; link PyTorch's own libomp
+        lib = Path(torch.__file__).with_name("lib")
+        return ["-Xpreprocessor", "-fopenmp", f"-L{lib}", "-lomp", f"-Wl,-rpath,{lib}"]
+    return ["-fopenmp"]
+
+
+def build_flags(head_dim: int) -> list[str]:
+    return BASE_FLAGS + target()[1] + _openmp_flags() + [f"-DHD={head_dim}"]
+
+
+def _key(cc: str, flags: list[str]) -> str:
+    parts = [SOURCE.read_text(), cc, *flags, platform.machine(), _cpu_flags()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def library_path(head_dim: int) -> tuple[str, list[str], Path]:
+    """(compiler, flags, cached library path) for ``head_dim``; the name carries the build key."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (set CC)")
-    flags = FLAGS + [f"-DHD={head_dim}"]
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), cc, *flags, platform.machine(), _cpu_flags()]).encode()
-    ).hexdigest()[:16]
-    out = cache_dir() / f"native-hd{head_dim}-{key}.so"
+    flags = build_flags(head_dim)
+    name = f"native-{target()[0]}-hd{head_dim}-{_key(cc, flags)}.so"
+    return cc, flags, cache_dir() / name
+
+
+def _build(head_dim: int) -> Path:
+    """Compile (or find in the cache) the library for ``head_dim``; raises on failure."""
+    cc, flags, out = library_path(head_dim)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +142,8 @@ def _build(head_dim: int) -> Path:
     try:
         res = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+            err = res.stderr.strip().splitlines()
+            raise RuntimeError(f"{cc} failed: {err[-1] if err else res.returncode}")
         os.replace(tmp, out)  # atomic: another process may be building the same file
     finally:
         if os.path.exists(tmp):
@@ -107,8 +161,8 @@ def load(head_dim: int) -> ctypes.CDLL | None:
         ptr, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         lib.st_forward.argtypes = [i, i, i, i, i, f, i] + [ptr] * 5
         lib.st_backward.argtypes = [i, i, i, i, i, f, i] + [ptr] * 9
-        lib.st_forward.restype = lib.st_backward.restype = i
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        lib.st_forward.restype = lib.st_backward.restype = lib.st_vector_width.restype = i
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         warn_once(
             "build",
             f"sparse_transformer: the native CPU attention kernel could not be built ({e}); "
@@ -117,6 +171,27 @@ def load(head_dim: int) -> ctypes.CDLL | None:
         lib = None
     _libs[head_dim] = lib
     return lib
+
+
+@torch.compiler.assume_constant_result
+def available(head_dim: int) -> bool:
+    """Whether the kernel for ``head_dim`` is built (building it now if need be).
+
+    torch.compile runs this at trace time and keeps the answer as a constant, so
+    the first call of a compiled model may build the kernel without a graph break.
+    """
+    return enabled() and load(head_dim) is not None
+
+
+def describe(head_dim: int = 64) -> str:
+    """One line on the kernel this process runs: instruction set, vector width, or why none."""
+    if not enabled():
+        return "native kernel off (SPARSE_TRANSFORMER_NATIVE=0)"
+    lib = load(head_dim)
+    if lib is None:
+        return "native kernel unavailable (build failed)"
+    name, flags = target()
+    return f"native kernel {name} ({lib.st_vector_width()} floats/vector; {' '.join(flags) or 'no ISA flags'})"
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
