@@ -248,3 +248,29 @@ def test_cpu_decomposition_computes_half_precision_sparse_patterns_in_float32():
         assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
     dense = sp.attention(q, k, v, P.Dense())  # one fused SDPA call, kept in bfloat16
     assert dense.dtype == torch.bfloat16
+
+
+def test_auto_runs_short_sequences_without_a_native_pass_as_one_masked_sdpa_call(monkeypatch):
+    from sparse_transformer.attention import core
+
+    calls = []
+    real = core.masked_sdpa
+    monkeypatch.setattr(core, "masked_sdpa", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    for n in (40, core.MASKED_SDPA_BELOW - 1, core.MASKED_SDPA_BELOW + 37):
+        for pattern in (P.Fixed(16, 4), P.Fixed(16, 4, distinct_heads=True), [P.FixedBlock(8), P.FixedSummary(8, 2)]):
+            compare(pattern, 1, 2, n, 16, torch.float32, "auto", 1e-5)
+    assert set(calls) == {40, core.MASKED_SDPA_BELOW - 1}, "masked SDPA below the threshold, decomposition above"
+    calls.clear()
+    compare(P.Strided(16), 1, 2, 100, 16, torch.float32, "auto", 1e-5)
+    compare(P.Fixed(16, 4), 1, 2, 100, 16, torch.float32, "cpu", 1e-5)
+    assert not calls, "the native kernel and explicit backends never take the masked path"
+
+
+def test_explain_path_names_the_path():
+    from sparse_transformer.attention.core import explain_path
+
+    q = torch.randn(1, 2, 1024, 16)
+    assert explain_path(q, P.Strided(32)).startswith("native kernel")
+    assert explain_path(q[:, :, :100], P.Fixed(16, 4)).startswith("SDPA with the pattern's mask (N=100")
+    assert explain_path(q, P.Fixed(16, 4)).startswith("fused-SDPA decomposition")
+    assert explain_path(q.double(), P.Strided(32)) == "fused-SDPA decomposition (float64)"

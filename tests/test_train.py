@@ -12,6 +12,7 @@ TINY = [
     ("model.n_ctx", "64"), ("model.d_model", "32"), ("model.n_layer", "2"), ("model.n_head", "2"),
     ("model.stride", "8"), ("model.dropout", "0.1"), ("train.batch_size", "4"), ("train.warmup", "2"),
     ("train.eval_max_bytes", "2000"), ("train.sample_bytes", "16"), ("train.log_every", "1"),
+    ("train.precision", "float32"),  # explicit: per-step losses reproducible on every CPU ("auto" may pick bfloat16)
 ]
 
 
@@ -120,8 +121,10 @@ def test_ema_is_the_polyak_average():
         lin.weight.add_(1.0)
     ema.update(lin)
     ema.update(lin)
-    expected = w0 * 0.81 + (w0 + 1) * 0.19  # two steps towards the new weights
+    # Warm-up of the decay: d_0 = min(0.9, 1/10), d_1 = min(0.9, 2/11); the initial weights keep d_0 * d_1.
+    expected = w0 * (0.1 * 2 / 11) + (w0 + 1) * (1 - 0.1 * 2 / 11)
     assert torch.allclose(ema.state_dict()["weight"], expected, atol=1e-6)
+    assert ema.decay_at(0) == 0.1 and ema.decay_at(10**6) == 0.9 and ema.updates == 2
     ema.swap(lin)
     assert torch.allclose(lin.weight, expected, atol=1e-6)
     ema.swap(lin)

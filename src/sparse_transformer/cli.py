@@ -53,7 +53,7 @@ def _add_train(sub) -> None:
     ev.add_argument("--split", default="val", help="val (default) or test")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-bytes", type=int, default=0, help="evaluate only the first bytes of the split (0 = all)")
-    ev.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default=None,
+    ev.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default=None,
                     help="autocast precision of the evaluation (default: the run's train.precision)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
@@ -107,7 +107,7 @@ def _cmd_eval(args, extra) -> int:
     from .bench.common import write_json
     from .data import load_dataset
     from .model import SparseTransformer
-    from .train.checkpoint import load_checkpoint, resolve
+    from .train.checkpoint import eval_state, load_checkpoint, resolve
     from .train.config import RunConfig
     from .train.evaluate import evaluate
     from .train.loop import pick_device
@@ -119,12 +119,14 @@ def _cmd_eval(args, extra) -> int:
     cfg = RunConfig.from_dict(ckpt["config"])
     device = pick_device(args.device)
     model = SparseTransformer(cfg.model).to(device)
-    state = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
-    model.load_state_dict(state)
+    model.load_state_dict(eval_state(ckpt))
+    use_ema = eval_state(ckpt) is ckpt.get("ema")
     ds = load_dataset(cfg.data.name, cfg.data.train_fraction, cfg.data.dir)
-    precision = args.precision or cfg.train.precision
+    from .train.precision import resolve as resolve_precision
+
+    precision, _ = resolve_precision(args.precision or cfg.train.precision, device)
     res = evaluate(model, ds.split(args.split), batch_size=args.batch_size, precision=precision, max_bytes=args.max_bytes)
-    res.update({"precision": precision, "checkpoint": str(path), "split": args.split, "step": ckpt["step"], "dataset": ds.name, "ema": bool(ckpt.get("ema"))})
+    res.update({"precision": precision, "checkpoint": str(path), "split": args.split, "step": ckpt["step"], "dataset": ds.name, "ema": use_ema})
     if args.json != "-":
         print(f"{ds.name} {args.split}: {res['bits_per_dim']:.4f} bits per dim over {res['bytes']:,} bytes (step {ckpt['step']})")
     write_json(res, args.json or str(path.parent / f"eval-{args.split}.json"))
@@ -156,7 +158,7 @@ def _cmd_sample(args, extra) -> int:
     from .data import load_dataset
     from .model import SparseTransformer
     from .sampling import sample
-    from .train.checkpoint import load_checkpoint
+    from .train.checkpoint import eval_state, load_checkpoint
     from .train.config import RunConfig
     from .train.loop import pick_device
 
@@ -169,7 +171,7 @@ def _cmd_sample(args, extra) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     cfg = RunConfig.from_dict(ckpt["config"])
     model = SparseTransformer(cfg.model).to(pick_device(args.device))
-    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
+    model.load_state_dict(eval_state(ckpt))
     modality = ckpt.get("modality") or ("image" if len(cfg.model.data_shape) == 3 else "text")
     image = modality == "image"
     if args.complete is not None and not image:

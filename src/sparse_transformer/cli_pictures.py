@@ -73,7 +73,7 @@ def cmd_show_attention(args, extra) -> int:
     from .model import SparseTransformer
     from .pictures import _png, attention_image, attention_weights
     from .sysutil import atomic_write_bytes
-    from .train.checkpoint import load_checkpoint
+    from .train.checkpoint import eval_state, load_checkpoint
     from .train.config import RunConfig
 
     if extra:
@@ -81,7 +81,7 @@ def cmd_show_attention(args, extra) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     cfg = RunConfig.from_dict(ckpt["config"])
     model = SparseTransformer(cfg.model)
-    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
+    model.load_state_dict(eval_state(ckpt))
     n = cfg.model.n_ctx
     if not 0 <= args.position < n:
         raise UsageError(f"--position must be in [0, {n - 1}], got {args.position}")

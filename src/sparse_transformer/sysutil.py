@@ -130,3 +130,25 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def cpu_description() -> str:
+    """The CPU's model, its ISA flags that matter here, and PyTorch's capability, in one line."""
+    import platform
+
+    import torch
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == (platform.processor() or platform.machine()):
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    keep = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "bf16", "sve"]
+    shown = " ".join(f for f in keep if f in flags)
+    return f"{model} [{shown or 'flags unknown'}], torch capability {torch.backends.cpu.get_cpu_capability()}"

@@ -1,6 +1,7 @@
 """``attention(q, k, v, pattern)``: exact factorized sparse attention (sections 4.3, 5.5)."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +17,14 @@ from .reference import reference_attention
 
 BACKENDS = ("auto", "reference", "native", "cpu", "cuda", "math")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# Below this length, ``auto`` on the CPU runs a pattern that has no native pass (Fixed, or a list that
+# mixes such patterns) as one SDPA call with the pattern's mask instead of the decomposition, whose
+# fixed cost per part dominates there. Measured fwd+bwd, B8 H4 D32 float32, 2 threads (BENCHMARKS.md,
+# "short sequences"): Fixed(16, 4) at 256 positions 7.0 ms masked SDPA vs 8.0 ms decomposition
+# (AVX-512; 10.2 vs 11.1 ms AVX2), Fixed(22, 8) at 512 33 vs 20 ms. The native kernel beats dense SDPA
+# from 64 positions up (Strided(16): 0.62 vs 0.94 ms), so it has no such threshold.
+MASKED_SDPA_BELOW = 512
 
 
 def _check_inputs(q, k, v) -> None:
@@ -79,6 +88,61 @@ def _use_native(q: torch.Tensor, pats: list[Pattern], backend: str) -> bool:
     return ok
 
 
+def choose_path(q: torch.Tensor, pats: list[Pattern], backend: str) -> str:
+    """The path of one call: "reference", "native", "masked" (one SDPA call with the pattern's mask)
+    or "decomposition". ``explain_path`` says why, for the train header and the benchmarks."""
+    if backend == "reference":
+        return "reference"
+    if _use_native(q, pats, backend):
+        return "native"
+    if (backend == "auto" and q.device.type == "cpu" and q.shape[2] < MASKED_SDPA_BELOW
+            and not all(isinstance(p, Dense) for p in pats)):
+        return "masked"
+    return "decomposition"
+
+
+def explain_path(q: torch.Tensor, pattern: Pattern | Sequence[Pattern], backend: str = "auto") -> str:
+    """One line: which path ``attention(q, q, q, pattern, backend=backend)`` runs, and why."""
+    pats = per_head_patterns(pattern, q.shape[1])
+    path, N = choose_path(q, pats, backend), q.shape[2]
+    if path == "native":
+        return native.describe(native.padded_dim(q.shape[-1]))
+    if path == "decomposition" and all(isinstance(p, Dense) for p in pats):
+        return "one causal SDPA call (dense)"
+    if path == "masked":
+        return f"SDPA with the pattern's mask (N={N} < {MASKED_SDPA_BELOW}: faster than the decomposition here)"
+    if path == "decomposition" and q.device.type == "cpu" and all(native_args(p) for p in pats):
+        if q.dtype == torch.float64:
+            return "fused-SDPA decomposition (float64)"
+        if backend == "auto":
+            return f"fused-SDPA decomposition ({native.describe(native.padded_dim(q.shape[-1]))})"
+    return f"fused-SDPA decomposition ({'no native pass for this pattern' if path == 'decomposition' else path})"
+
+
+@functools.lru_cache(maxsize=16)
+def _pattern_mask(pats: tuple[Pattern, ...], n: int) -> torch.Tensor:
+    """[H or 1, n, n] bool: the pattern of every head (one plane when all heads share it)."""
+    masks = torch.stack([p.mask(n, h) for h, p in enumerate(pats)])
+    return masks[:1] if bool((masks == masks[:1]).all()) else masks
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list[Pattern], scale: float,
+                upcast: bool) -> torch.Tensor:
+    """One SDPA call with the pattern's boolean mask: the fastest exact path for short sequences on the CPU.
+
+    Queries with no allowed key (only some factor patterns have them) get zeros, as on every other path.
+    """
+    mask = _pattern_mask(tuple(pats), q.shape[2]).to(q.device)
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    empty = ~mask.any(-1)  # (H or 1, N)
+    if bool(empty.any()):
+        o = o.masked_fill(empty[..., None], 0.0)
+    return o.to(dtype)
+
+
 def per_head_patterns(pattern: Pattern | Sequence[Pattern], n_head: int) -> list[Pattern]:
     """One pattern for each head: ``pattern`` repeated, or the given list checked."""
     if isinstance(pattern, Pattern):
@@ -132,13 +196,15 @@ def attention(
         scale = default_scale(D)
     if backend == "reference":
         return reference_attention(q, k, v, pats, scale)
-    use_native = _use_native(q, pats, backend)
-    kernel = None if use_native else select_kernel(q.device, "auto" if backend == "native" else backend)
-
+    path = choose_path(q, pats, backend)
+    use_native = path == "native"
     # On the CPU, bfloat16/float16 SDPA with masks and gathers is slower than float32 (2048 positions, D 32:
     # Fixed forward+backward 0.047 s in bfloat16 against 0.026 s upcast), so the decomposition of a sparse
     # pattern computes in float32 there, as the native kernel does. Dense is one fused SDPA call: it stays.
     upcast = backend == "auto" and q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    if path == "masked":
+        return masked_sdpa(q, k, v, pats, scale, upcast)
+    kernel = None if use_native else select_kernel(q.device, "auto" if backend == "native" else backend)
 
     def run(q, k, v, p: Pattern, head: int) -> torch.Tensor:
         if not use_native:

@@ -11,12 +11,9 @@ k bytes of context, for increasing k, always on the same scored bytes.
 """
 from __future__ import annotations
 
-import bz2
-import lzma
 import math
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_dataset
+from ..data.compressors import compressor_bits
 from ..train.config import build_config
 from ..train.loop import train
 from .common import machine_info, table
@@ -40,16 +38,6 @@ MODALITIES = {
 }
 FULL = {"d_model": 128, "n_layer": 4, "n_head": 4, "steps": 0, "batch_size": 0, "eval_bytes": 0}  # 0: per modality
 QUICK = {"d_model": 32, "n_layer": 2, "n_head": 2, "steps": 10, "batch_size": 2, "eval_bytes": 4 * 784}
-
-
-def compressor_bits(data: bytes) -> dict[str, float]:
-    """Bits per byte of xz (preset 9 extreme), bz2 (level 9) and zlib (level 9) on ``data``."""
-    n = len(data)
-    return {
-        "xz": 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / n,
-        "bz2": 8 * len(bz2.compress(data, 9)) / n,
-        "zlib": 8 * len(zlib.compress(data, 9)) / n,
-    }
 
 
 def run_compare(
@@ -130,13 +118,13 @@ def min_context_bits(model, data: np.ndarray, k: int, start: int, end: int, batc
 def run_context(checkpoint: str, *, contexts: list[int] | None = None, max_bytes: int = 65536, split: str = "val",
                 progress=print) -> dict:
     from ..model import SparseTransformer
-    from ..train.checkpoint import load_checkpoint
+    from ..train.checkpoint import eval_state, load_checkpoint
     from ..train.config import RunConfig
 
     ckpt = load_checkpoint(checkpoint)
     cfg = RunConfig.from_dict(ckpt["config"])
     model = SparseTransformer(cfg.model)
-    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") else ckpt["model"])
+    model.load_state_dict(eval_state(ckpt))
     n = cfg.model.n_ctx
     contexts = sorted(contexts or sorted({0, n // 4, n // 2, 3 * n // 4, n - n // 8, n - n // 16}))
     if contexts[-1] >= n:

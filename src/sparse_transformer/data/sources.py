@@ -17,6 +17,7 @@ class Dataset:
     splits: dict[str, np.ndarray]
     modality: str = "text"
     shape: list[int] = field(default_factory=list)  # one example's shape, for images
+    root: Path | None = None  # the prepared folder, when there is one
 
     def split(self, name: str) -> np.ndarray:
         if name not in self.splits:
@@ -51,7 +52,7 @@ def _prepared(path: Path) -> Dataset:
         if not f.is_file():
             raise ValueError(f"{path}: {f.name} is missing; run `sparse-transformer data prepare` again")
         splits[split] = np.memmap(f, dtype=np.uint8, mode="r")
-    return Dataset(meta.get("name", path.name), splits, meta.get("modality", "text"), list(meta.get("shape", [])))
+    return Dataset(meta.get("name", path.name), splits, meta.get("modality", "text"), list(meta.get("shape", [])), path)
 
 
 def load_dataset(name: str, train_fraction: float = 0.9, data_dir: str | Path = "data") -> Dataset:

@@ -259,6 +259,16 @@ class SparseTransformer(nn.Module):
                 h = blk(h)
         return self.head(self.ln_f(h))
 
+    def attention_path(self, device: torch.device, precision: str = "float32") -> str:
+        """Which attention path each distinct layer pattern runs on at n_ctx (for the train header)."""
+        from ..attention.core import explain_path
+
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision, torch.float32)
+        head_dim = self.cfg.d_model // self.cfg.n_head
+        q = torch.empty(1, self.cfg.n_head, self.cfg.n_ctx, head_dim, device=device, dtype=dtype)
+        lines = {explain_path(q, blk.attn.pattern) for blk in self.blocks}
+        return "; ".join(sorted(lines))
+
     def new_cache(self, batch: int) -> list[list]:
         """KV caches for every block that follow each block's pattern (see attention/cache.py)."""
         like = next(self.parameters())

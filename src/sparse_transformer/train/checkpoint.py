@@ -50,3 +50,11 @@ def export_weights(state: dict[str, torch.Tensor], config: dict, out_dir: Path) 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write_bytes(out_dir / "model.safetensors", save(tensors))
     atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def eval_state(ckpt: dict) -> dict:
+    """The weights a checkpoint is evaluated, sampled and drawn with: the EMA average when the run kept
+    one and it evaluated no worse than the last weights at the end of the run, else the last weights."""
+    if ckpt.get("ema") and ckpt.get("eval_weights", "ema") == "ema":
+        return ckpt["ema"]
+    return ckpt["model"]

@@ -29,7 +29,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # decoupled, on matrices only
     grad_clip: float = 1.0
     ema: float = 0.0  # Polyak averaging of the weights (0.999 in the paper's style); 0 = off
-    precision: str = "float32"  # float32 | bfloat16 | float16 (float16 needs CUDA)
+    precision: str = "auto"  # auto (bfloat16 where the hardware computes it, else float32) | float32 | bfloat16 | float16 (CUDA)
     compile: bool = False  # torch.compile the model for training (fuses the element-wise work; compiles at the first steps)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 1234
@@ -92,8 +92,8 @@ class RunConfig:
             raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
         if not t.lr > 0:
             raise ValueError(f"train.lr must be > 0, got {t.lr}")
-        if t.precision not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"train.precision must be one of float32, bfloat16, float16, got {t.precision!r}")
+        if t.precision not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"train.precision must be one of auto, float32, bfloat16, float16, got {t.precision!r}")
         if t.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
         if t.grad_reduce_dtype not in ("float32", "bfloat16", "float16"):

@@ -12,14 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from ..data import get_batch, load_dataset
+from ..data.compressors import cached_compressor_bits
 from ..model import SparseTransformer
 from ..model.generate import generate
-from ..sysutil import atomic_write_text
+from ..sysutil import atomic_write_text, cpu_description
 from .checkpoint import CKPT_NAME, atomic_torch_save, export_weights, load_checkpoint
 from . import distributed as D
 from .config import RunConfig
 from .evaluate import autocast_context, evaluate
 from .optim import EMA, lr_at, make_optimizer
+from .precision import resolve as resolve_precision
+from .progress import Progress
 
 
 def pick_device(name: str) -> torch.device:
@@ -123,8 +126,7 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
     t = cfg.train
     out = Path(t.out_dir)
     ckpt_path = out / CKPT_NAME
-    if t.precision == "float16" and device.type != "cuda":
-        raise ValueError("train.precision float16 needs a CUDA device (dynamic loss scaling); use bfloat16 on the CPU")
+    precision, precision_why = resolve_precision(t.precision, device)
     if t.batch_size % (d.world * t.grad_accum):
         raise ValueError(f"train.batch_size={t.batch_size} (global) must be divisible by the number of processes "
                          f"({d.world}) x train.grad_accum ({t.grad_accum})")
@@ -156,7 +158,7 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
     if t.compile:  # training steps only; evaluation and sampling run the plain model
         net = torch.compile(net)
     opt = make_optimizer(model, t, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "float16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16")
     ema = EMA(model, t.ema) if t.ema else None
     start = 0
     if ckpt is not None:
@@ -168,9 +170,11 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema"):
             ema.load_state_dict(ckpt["ema"])
+            ema.updates = int(ckpt.get("ema_updates", 10**9))  # older checkpoints: no warm-up left
         start = int(ckpt["step"])
         _set_rng_state(ckpt["rng"], device)
     elapsed0 = float(ckpt.get("train_seconds", 0.0)) if ckpt is not None else 0.0  # time_limit spans resumes
+    eval_weights = {"ema": True}  # set to False at the end when the last weights evaluate better
 
     log = None
     if d.main:
@@ -184,12 +188,16 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
              f"{cfg.model.pattern} ({cfg.model.combine}), context {cfg.model.n_ctx}; data {ds.name}: "
              f"{len(train_data):,} train / {len(val_data):,} val bytes; device {device}"
              + (f"; {d.world} processes ({d.parallel})" if d.enabled else ""))
+        echo(f"precision {precision} ({precision_why}); attention: {model.attention_path(device, precision)}"
+             + (f"; CPU {cpu_description()}" if device.type == "cpu" else ""))
 
     def save(step: int) -> None:
         state = {
             "format": 1,
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "ema": ema.state_dict() if ema else {},
+            "ema_updates": ema.updates if ema else 0,
+            "eval_weights": "ema" if ema and eval_weights["ema"] else "model",
             "step": step,
             "data_position": step,  # batches are a pure function of (seed, step, rank, world)
             "rng": _rng_state(device),
@@ -214,28 +222,24 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
             atomic_torch_save(state, ckpt_path)
         D.barrier(d)
 
-    def run_eval(step: int) -> dict:
-        if ema:
+    def run_eval(step: int, use_ema: bool = True) -> dict:
+        if ema and use_ema:
             ema.swap(model)
         # DDP: each process scores its share of the windows; FSDP: every process runs every window.
         share = (0, 1) if fsdp else (d.rank, d.world)
         res = evaluate(model, val_data, batch_size=max(1, t.batch_size // t.grad_accum // d.world),
-                       precision=t.precision, max_bytes=t.eval_max_bytes, share=share,
+                       precision=precision, max_bytes=t.eval_max_bytes, share=share,
                        reduce=None if fsdp else (lambda v: D.sum_(v, d, device)))
-        if ema:
+        if ema and use_ema:
             ema.swap(model)
         if log:
-            log.log({"step": step, "val_bpb": res["bits_per_dim"], "val_bytes": res["bytes"]})
+            log.log({"step": step, "val_bpb": res["bits_per_dim"], "val_bytes": res["bytes"],
+                     **({"weights": "ema" if use_ema else "last"} if ema else {})})
         return res
 
     tokens_per_step = t.batch_size * cfg.model.n_ctx
-    bar = None
-    if show_progress:
-        from tqdm import tqdm
-
-        by_time = t.schedule == "time"  # such a run ends with the clock, not at train.steps: no step total
-        bar = tqdm(total=None if by_time else t.steps, initial=start, unit="step",
-                   desc=f"{t.time_limit:.0f} s budget" if by_time else None, dynamic_ncols=True, leave=True)
+    bar = Progress(steps=t.steps, start=start, time_limit=t.time_limit, by_time=t.schedule == "time",
+                   enabled=show_progress)
     t0 = time.perf_counter()
     last_log, last_step, step = t0, start, start
     elapsed = elapsed0  # training seconds so far; the same on every process
@@ -252,7 +256,7 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
                 x = get_batch(train_data, cfg.model.n_ctx, t.seed, step, t.batch_size, rank=d.rank, world=d.world,
                               micro=micro, n_micro=t.grad_accum, whole_examples=whole).to(device, non_blocking=True)
                 with D.sync_gradients(net, d, micro == t.grad_accum - 1):
-                    with autocast_context(device, t.precision):
+                    with autocast_context(device, precision):
                         logits = net(x)  # (b, T, 256)
                         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1)) / t.grad_accum
                     scaler.scale(loss).backward()
@@ -274,10 +278,9 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
                 row = {"step": done, "loss": loss_sum, "bpb": loss_sum / math.log(2), "lr": lr,
                        "grad_norm": gnorm, "tok_s": tok_s, "time": now - t0}
                 log.log(row)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_sum:.3f}", bpb=f"{loss_sum / math.log(2):.3f}", tok_s=f"{tok_s:,.0f}")
-            if bar is not None:
-                bar.update(1)
+                bar.update(done, loss_sum, tok_s, elapsed)
+            else:
+                bar.update(done, elapsed=elapsed)
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 res = run_eval(done)
                 echo(f"step {done}: val {res['bits_per_dim']:.4f} bits/dim")
@@ -292,18 +295,25 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
                 echo(f"stopping at step {done} (train.stop_at); continue with --resume")
                 break
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     train_time = time.perf_counter() - t0
     final_step = step + 1 if t.steps > start else start
     save(final_step)
     res = run_eval(final_step)
+    if ema:  # the average must never report worse than the weights it averages (a short run's early weights)
+        last = run_eval(final_step, use_ema=False)
+        echo(f"validation: EMA weights {res['bits_per_dim']:.4f}, last weights {last['bits_per_dim']:.4f} bits per dim")
+        if last["bits_per_dim"] < res["bits_per_dim"]:
+            echo("the last weights are better: they are the ones evaluated, exported and sampled")
+            res, eval_weights["ema"] = last, False
+            save(final_step)
+    use_ema = bool(ema) and eval_weights["ema"]
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         eval_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
-        eval_state = ema.state_dict() if ema else model.state_dict()
+        eval_state = ema.state_dict() if use_ema else model.state_dict()
     if d.main:
         export_weights({k: v for k, v in eval_state.items()}, cfg.to_dict(), out)
     summary = {
@@ -313,12 +323,18 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
     }
     echo(f"validation: {res['bits_per_dim']:.4f} bits per byte over {res['bytes']:,} bytes "
          f"after {final_step} steps ({train_time:.0f} s); checkpoint {ckpt_path}")
+    if ds.modality in ("text", "audio") and d.main:  # what the figure is worth: general compressors, same bytes
+        floor = cached_compressor_bits(val_data[: res["bytes"]], ds.root)
+        summary["compressors"] = floor
+        echo(f"the same validation bytes: bzip2 -9 {floor['bz2']:.3f}, xz -9 {floor['xz']:.3f} bits per byte "
+             f"(the model: {res['bits_per_dim']:.3f}, "
+             f"{'better' if res['bits_per_dim'] < min(floor['bz2'], floor['xz']) else 'not better'} than both)")
     if ds.modality == "text" and t.sample_bytes and d.main and not fsdp:
-        if ema:
+        if use_ema:
             ema.swap(model)
         n = min(t.sample_bytes, cfg.model.n_ctx - 1)
         sample = generate(model, 1, n, prompt=b"\n", seed=t.seed)[0, 1:].tolist()
-        if ema:
+        if use_ema:
             ema.swap(model)
         text = bytes(sample).decode("utf-8", errors="replace")
         summary["sample"] = text

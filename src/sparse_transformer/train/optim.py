@@ -38,16 +38,30 @@ def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
 
 
 class EMA:
-    """Polyak averaging of the parameters: ema = decay * ema + (1 - decay) * p."""
+    """Polyak averaging of the parameters: ema = d_t * ema + (1 - d_t) * p.
+
+    The decay warms up, d_t = min(decay, (1 + t) / (10 + t)) at the t-th update
+    (t = 0, 1, ...), so the average of a short run covers its recent weights
+    instead of the random initialisation: after 206 updates a plain 0.999
+    average still gives the initial weights 81% of its mass (6.61 bits/byte
+    against 2.4 for the last weights, issue 16); with the warm-up it averages
+    about the last 20 steps, and it is the full ``decay`` from about 9000 on.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters()}
+
+    def decay_at(self, t: int) -> float:
+        return min(self.decay, (1 + t) / (10 + t))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
-        torch._foreach_lerp_(list(self.shadow.values()), [params[k].detach().float() for k in self.shadow], 1 - self.decay)
+        weight = 1 - self.decay_at(self.updates)
+        torch._foreach_lerp_(list(self.shadow.values()), [params[k].detach().float() for k in self.shadow], weight)
+        self.updates += 1
 
     def state_dict(self) -> dict:
         return dict(self.shadow)
