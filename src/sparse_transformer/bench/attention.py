@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import patterns as P
 from ..attention import attention
+from ..attention.core import explain_path
 from ..sysutil import current_rss_bytes, peak_rss_bytes, reset_peak_rss, tune_malloc
 from .common import machine_info, matmul_rate, sync, table, time_it
 
@@ -109,7 +110,9 @@ def measure(case: dict) -> dict:
     peak_fwd = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - base
     t_fb = _timed(fwd_bwd, device)
     peak_fb = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - base
-    return {"fwd_s": t_fwd, "fwd_bwd_s": t_fb, "peak_fwd_mb": peak_fwd / 2**20, "peak_fwd_bwd_mb": peak_fb / 2**20}
+    path = "sdpa(is_causal=True)" if pattern is None else explain_path(q, pattern)
+    return {"fwd_s": t_fwd, "fwd_bwd_s": t_fb, "peak_fwd_mb": peak_fwd / 2**20, "peak_fwd_bwd_mb": peak_fb / 2**20,
+            "path": path}
 
 
 def _run_case(case: dict) -> dict:
@@ -186,7 +189,8 @@ COLUMNS = [
 def report(result: dict) -> str:
     head = (
         f"attention benchmark: B={result['config']['B']} H={result['config']['H']} D={result['config']['D']} "
-        f"{result['config']['dtype']} on {result['machine'].get('gpu', result['config']['device'])}; "
+        f"{result['config']['dtype']} on {result['machine'].get('gpu', result['machine'].get('cpu', 'cpu'))}; "
         f"matmul {result['matmul_tflops']:.3g} TFLOP/s"
     )
-    return head + "\n" + table(result["results"], COLUMNS)
+    paths = sorted({f"  {r['case']}: {r['path']}" for r in result["results"] if r.get("path")})
+    return head + "\n" + table(result["results"], COLUMNS) + "\npaths:\n" + "\n".join(paths)
