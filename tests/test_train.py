@@ -171,7 +171,7 @@ def test_cli_train_and_eval(tmp_path):
         (["train", "--data.name", "/nonexistent/file.txt", "--train.out_dir", "OUT"], "run `sparse-transformer data prepare"),
         (["eval", "/nonexistent/ckpt.pt"], "checkpoint not found"),
         (["bench", "attention", "--cases", "strided:x"], "bad case"),
-        (["train", "--train.schedule", "time"], "train.schedule = 'time' needs train.time_limit > 0"),
+        (["train", "--train.schedule", "time", "--train.time_limit", "0"], "train.schedule = 'time' needs train.time_limit > 0"),
         (["train", "--train.schedule", "epochs"], "train.schedule must be steps or time"),
     ],
 )
