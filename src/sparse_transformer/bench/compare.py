@@ -72,6 +72,7 @@ def run_compare(
                 ("train.steps", str(n_steps)), ("train.batch_size", str(batch)),
                 ("train.warmup", str(max(1, n_steps // 10))), ("train.eval_every", "0"),
                 ("train.eval_max_bytes", str(n_eval)), ("train.sample_bytes", "0"), ("train.time_limit", "0"),
+                ("train.schedule", "steps"),
                 ("train.log_every", str(max(1, n_steps // 20))), ("train.precision", precision),
                 ("train.out_dir", str(root / f"{modality}-{pattern}")), ("data.name", m["data"]), ("data.dir", data_dir),
             ]
