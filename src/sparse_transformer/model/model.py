@@ -38,16 +38,19 @@ class PositionEmbedding(nn.Module):
         self.register_buffer("coords", torch.stack(coords[::-1]), persistent=False)  # (len(shape), n_ctx)
 
     def forward(self, n: int) -> torch.Tensor:
+        # F.embedding, not table[idx]: the backward of an advanced-index gather
+        # (index_put_ with accumulate) sums repeated rows in a thread-dependent
+        # order on the CPU, and training would not be reproducible.
         out = 0
         for table, idx in zip(self.tables, self.coords[:, :n]):
-            out = out + table[idx]
+            out = out + F.embedding(idx, table)
         return out  # (n, d_model)
 
     def at(self, t: int) -> torch.Tensor:
         """The embedding of position t alone: (d_model,)."""
         out = 0
         for table, idx in zip(self.tables, self.coords[:, t]):
-            out = out + table[idx]
+            out = out + table[idx]  # one row: a select, nothing accumulates
         return out
 
 
