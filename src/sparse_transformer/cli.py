@@ -12,7 +12,7 @@ import numpy as np
 
 from .cli_bench import add_bench as _add_bench
 from .cli_bench import cmd_bench as _cmd_bench
-from .cli_common import Parser as _Parser
+from .cli_common import Parser as _Parser, at_least, finite_at_least
 from .cli_common import UsageError, size_arg
 from .cli_pictures import add_pictures, cmd_plot, cmd_show_attention, cmd_show_pattern
 from .sysutil import tune_malloc
@@ -51,8 +51,8 @@ def _add_train(sub) -> None:
     )
     ev.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
     ev.add_argument("--split", default="val", help="val (default) or test")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-bytes", type=int, default=0, help="evaluate only the first bytes of the split (0 = all)")
+    ev.add_argument("--batch-size", type=at_least(1), default=8)
+    ev.add_argument("--max-bytes", type=at_least(0), default=0, help="evaluate only the first bytes of the split (0 = all)")
     ev.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default=None,
                     help="autocast precision of the evaluation (default: the run's train.precision)")
     ev.add_argument("--device", default="auto")
@@ -142,13 +142,13 @@ def _add_sample(sub) -> None:
         "of test image INDEX and writes original | kept half | completions side by side.",
     )
     sp.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
-    sp.add_argument("-n", type=int, default=1, help="number of samples (default 1)")
-    sp.add_argument("--length", type=int, default=None, help="steps to generate for text (default min(500, n_ctx)) and audio (default n_ctx)")
-    sp.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 means argmax (default 1.0)")
+    sp.add_argument("-n", type=at_least(1), default=1, help="number of samples (default 1)")
+    sp.add_argument("--length", type=at_least(1), default=None, help="steps to generate for text (default min(500, n_ctx)) and audio (default n_ctx)")
+    sp.add_argument("--temperature", type=finite_at_least(0), default=1.0, help="softmax temperature; 0 means argmax (default 1.0)")
     sp.add_argument("--prompt", default=None, help="text to continue (text models)")
     sp.add_argument("--complete", default=None, metavar="INDEX_OR_FILE",
                     help="image models: complete the top half of test image INDEX, or of an image FILE of the model's size")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=at_least(0), default=0)
     sp.add_argument("-o", "--out", default=None, help="output file (text: default stdout; images: samples.png; audio: samples.wav)")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--no-progress", action="store_true")

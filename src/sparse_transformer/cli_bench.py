@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_common import Parser as _Parser, UsageError, positive_ints as _positive_ints
+from .cli_common import Parser as _Parser, UsageError, positive_ints as _positive_ints, at_least, finite_at_least
 
 
 def add_bench(sub) -> None:
@@ -20,13 +20,13 @@ def add_bench(sub) -> None:
         ),
     )
     att.add_argument("--n", type=_positive_ints, default=[4096, 16384, 65536], help="sequence lengths (default 4096,16384,65536)")
-    att.add_argument("--batch", type=int, default=1, help="B (default 1)")
-    att.add_argument("--heads", type=int, default=4, help="H (default 4)")
-    att.add_argument("--dim", type=int, default=64, help="head width D (default 64)")
+    att.add_argument("--batch", type=at_least(1), default=1, help="B (default 1)")
+    att.add_argument("--heads", type=at_least(1), default=4, help="H (default 4)")
+    att.add_argument("--dim", type=at_least(1), default=64, help="head width D (default 64)")
     att.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     att.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     att.add_argument("--cases", default=None, help="comma list: dense, strided[:l], fixed[:l[:c]], local:w (default dense,strided,fixed:128:16)")
-    att.add_argument("--max-dense-n", type=int, default=None, help="skip the dense baseline above this N")
+    att.add_argument("--max-dense-n", type=at_least(1), default=None, help="skip the dense baseline above this N")
     att.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults")
     att.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH", help="write the results as JSON to PATH (stdout without PATH)")
 
@@ -37,12 +37,12 @@ def add_bench(sub) -> None:
         "an estimate of recomputing the full forward pass per token, and the KV cache size against dense.",
     )
     sa.add_argument("--positions", type=_positive_ints, default=[1024, 16384], help="two positions (default 1024,16384)")
-    sa.add_argument("--length", type=int, default=4096, help="tokens to generate (default 4096)")
-    sa.add_argument("--layers", type=int, default=8)
-    sa.add_argument("--d-model", type=int, default=256)
-    sa.add_argument("--heads", type=int, default=4)
-    sa.add_argument("--stride", type=int, default=128)
-    sa.add_argument("-c", type=int, default=16)
+    sa.add_argument("--length", type=at_least(1), default=4096, help="tokens to generate (default 4096)")
+    sa.add_argument("--layers", type=at_least(1), default=8)
+    sa.add_argument("--d-model", type=at_least(1), default=256)
+    sa.add_argument("--heads", type=at_least(1), default=4)
+    sa.add_argument("--stride", type=at_least(1), default=128)
+    sa.add_argument("-c", type=at_least(1), default=16)
     sa.add_argument("--patterns", default="dense,strided,fixed")
     sa.add_argument("--no-malloc-tuning", action="store_true")
     sa.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
@@ -59,7 +59,7 @@ def add_bench(sub) -> None:
     )
     cp.add_argument("--modalities", default="text,images", help="comma list of text, images (default both)")
     cp.add_argument("--patterns", default="dense,strided,fixed")
-    cp.add_argument("--steps", type=int, default=None, help="training steps per model (default 2000 text, 1500 images; --quick 10)")
+    cp.add_argument("--steps", type=at_least(1), default=None, help="training steps per model (default 2000 text, 1500 images; --quick 10)")
     cp.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                     help="training precision of every model (bfloat16: autocast; faster on CPUs with AVX512-BF16 or AMX)")
     cp.add_argument("--rotary", action=argparse.BooleanOptionalAction, default=None,
@@ -79,7 +79,7 @@ def add_bench(sub) -> None:
     cx.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
     cx.add_argument("--contexts", type=_positive_ints, default=None,
                     help="minimum contexts (default 0 and 1/4, 1/2, 3/4, 7/8, 15/16 of n_ctx)")
-    cx.add_argument("--max-bytes", type=int, default=65536, help="bytes to score (default 65536)")
+    cx.add_argument("--max-bytes", type=at_least(0), default=65536, help="bytes to score (default 65536)")
     cx.add_argument("--split", default="val")
     cx.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
 
@@ -90,14 +90,14 @@ def add_bench(sub) -> None:
         "step (forward, backward, AdamW; batch 1) needs more than --budget-mb, then bisects. Each trial runs in "
         "a fresh process. Stride: the power of two nearest sqrt(n).",
     )
-    ln.add_argument("--budget-mb", type=float, default=1024, help="memory budget in MB (default 1024)")
+    ln.add_argument("--budget-mb", type=finite_at_least(0, strict=True), default=1024, help="memory budget in MB (default 1024)")
     ln.add_argument("--patterns", default="dense,strided,fixed")
-    ln.add_argument("--start", type=int, default=1024, help="first context tried (default 1024)")
-    ln.add_argument("--max-n", type=int, default=1 << 20, help="stop doubling here (default 1048576)")
-    ln.add_argument("--bisect", type=int, default=3, help="bisection steps after doubling (default 3)")
-    ln.add_argument("--layers", type=int, default=4)
-    ln.add_argument("--d-model", type=int, default=64)
-    ln.add_argument("--heads", type=int, default=2)
+    ln.add_argument("--start", type=at_least(1), default=1024, help="first context tried (default 1024)")
+    ln.add_argument("--max-n", type=at_least(1), default=1 << 20, help="stop doubling here (default 1048576)")
+    ln.add_argument("--bisect", type=at_least(1), default=3, help="bisection steps after doubling (default 3)")
+    ln.add_argument("--layers", type=at_least(1), default=4)
+    ln.add_argument("--d-model", type=at_least(1), default=64)
+    ln.add_argument("--heads", type=at_least(1), default=2)
     ln.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ln.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
 
@@ -107,18 +107,18 @@ def add_bench(sub) -> None:
         description="Times forward+backward+AdamW on random bytes for the same model with each attention "
         "pattern, each in a fresh process, and reports speedups over dense and peak memory.",
     )
-    tr.add_argument("--n-ctx", type=int, default=8192, help="context length (default 8192)")
+    tr.add_argument("--n-ctx", type=at_least(1), default=8192, help="context length (default 8192)")
     tr.add_argument("--layers", type=_positive_ints, default=[8], help="comma list of depths (default 8), e.g. 8,64 with --recompute")
-    tr.add_argument("--d-model", type=int, default=256)
-    tr.add_argument("--heads", type=int, default=4)
-    tr.add_argument("--batch", type=int, default=1)
+    tr.add_argument("--d-model", type=at_least(1), default=256)
+    tr.add_argument("--heads", type=at_least(1), default=4)
+    tr.add_argument("--batch", type=at_least(1), default=1)
     tr.add_argument("--patterns", default="dense,strided,fixed", help="comma list of dense, local, strided, fixed")
-    tr.add_argument("--stride", type=int, default=None, help="stride (default: power of two nearest sqrt(n_ctx))")
-    tr.add_argument("-c", type=int, default=16, help="summary width of fixed (default 16)")
+    tr.add_argument("--stride", type=at_least(1), default=None, help="stride (default: power of two nearest sqrt(n_ctx))")
+    tr.add_argument("-c", type=at_least(1), default=16, help="summary width of fixed (default 16)")
     tr.add_argument("--recompute", action="store_true", help="gradient checkpointing of every block")
     tr.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    tr.add_argument("--repeat", type=int, default=3)
+    tr.add_argument("--repeat", type=at_least(1), default=3)
     tr.add_argument("--no-malloc-tuning", action="store_true")
     tr.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli_common import UsageError
+from .cli_common import UsageError, at_least
 
 
 def add_pictures(sub) -> None:
@@ -15,15 +15,15 @@ def add_pictures(sub) -> None:
         "per head with --heads and --distinct-heads (fixed), or per factor with --factors.",
     )
     sp.add_argument("pattern", choices=["dense", "local", "strided", "fixed"])
-    sp.add_argument("--stride", type=int, default=8, help="stride l (local: the window; default 8)")
-    sp.add_argument("-c", type=int, default=2, help="fixed: summary width c (default 2)")
-    sp.add_argument("-n", type=int, default=64, help="sequence length (default 64)")
-    sp.add_argument("--heads", type=int, default=1, help="draw this many heads (default 1)")
+    sp.add_argument("--stride", type=at_least(1), default=8, help="stride l (local: the window; default 8)")
+    sp.add_argument("-c", type=at_least(1), default=2, help="fixed: summary width c (default 2)")
+    sp.add_argument("-n", type=at_least(1), default=64, help="sequence length (default 64)")
+    sp.add_argument("--heads", type=at_least(1), default=1, help="draw this many heads (default 1)")
     sp.add_argument("--distinct-heads", action="store_true", help="fixed: a different summary offset per head")
     sp.add_argument("--factors", action="store_true", help="also draw each factor of the pattern")
-    sp.add_argument("--query", type=int, default=None, help="the query of the right-hand panel (default n-1)")
-    sp.add_argument("--width", type=int, default=None, help="row width of the right-hand panel (default the stride)")
-    sp.add_argument("--scale", type=int, default=None, help="pixels per cell (default: about 512 pixels across)")
+    sp.add_argument("--query", type=at_least(0), default=None, help="the query of the right-hand panel (default n-1)")
+    sp.add_argument("--width", type=at_least(1), default=None, help="row width of the right-hand panel (default the stride)")
+    sp.add_argument("--scale", type=at_least(1), default=None, help="pixels per cell (default: about 512 pixels across)")
     sp.add_argument("-o", "--out", default="pattern.png")
 
     sa = sub.add_parser(
@@ -33,10 +33,10 @@ def add_pictures(sub) -> None:
         "models; text and audio are laid out in rows of the stride.",
     )
     sa.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
-    sa.add_argument("--position", type=int, required=True, help="the query position")
-    sa.add_argument("--index", type=int, default=0, help="which example (image) or window (text) of the split")
+    sa.add_argument("--position", type=at_least(0), required=True, help="the query position")
+    sa.add_argument("--index", type=at_least(0), default=0, help="which example (image) or window (text) of the split")
     sa.add_argument("--split", default="val")
-    sa.add_argument("--scale", type=int, default=4)
+    sa.add_argument("--scale", type=at_least(1), default=4)
     sa.add_argument("-o", "--out", default="attention.png")
 
     pl = sub.add_parser("plot", help="training and validation curves of one or more runs",

@@ -56,7 +56,7 @@ class ModelConfig:
         need(self.combine in COMBINES, f"model.combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
         need(self.activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         need(self.d_model % self.n_head == 0, f"model.d_model ({self.d_model}) must be a multiple of model.n_head ({self.n_head})")
-        need(self.ff_mult > 0, f"model.ff_mult must be > 0, got {self.ff_mult}")
+        need(0 < self.ff_mult <= 64, f"model.ff_mult must be a number in (0, 64], got {self.ff_mult}")
         need(0 < self.qk_ratio <= 1, f"model.qk_ratio must be in (0, 1], got {self.qk_ratio}")
         qk = self.d_model * self.qk_ratio
         need(qk == int(qk) and int(qk) % self.n_head == 0, f"model.d_model * model.qk_ratio ({qk}) must be a multiple of model.n_head ({self.n_head})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +91,13 @@ class RunConfig:
                 raise ValueError(f"train.{name} must be an integer >= 0, got {getattr(t, name)!r}")
         if t.batch_size % t.grad_accum:
             raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})")
-        if not t.lr > 0:
-            raise ValueError(f"train.lr must be > 0, got {t.lr}")
+        for name, lo, hi, lo_open, hi_open in FLOAT_RANGES:
+            v = getattr(t, name)
+            low_ok = v > lo if lo_open else v >= lo
+            high_ok = v < hi if hi_open else v <= hi
+            if not (math.isfinite(v) and low_ok and high_ok):
+                allowed = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+                raise ValueError(f"train.{name} must be a finite number in {allowed}, got {v!r}")
         if t.precision not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"train.precision must be one of auto, float32, bfloat16, float16, got {t.precision!r}")
         if t.parallel not in ("ddp", "fsdp"):
@@ -100,17 +106,24 @@ class RunConfig:
             raise ValueError(f"train.grad_reduce_dtype must be one of float32, bfloat16, float16, got {t.grad_reduce_dtype!r}")
         if t.schedule not in ("steps", "time"):
             raise ValueError(f"train.schedule must be steps or time, got {t.schedule!r}")
-        if t.schedule == "time" and not t.time_limit > 0:
+        if t.schedule == "time" and not t.time_limit > 0:  # (time_limit is finite and >= 0 here)
             raise ValueError("train.schedule = 'time' needs train.time_limit > 0 (the seconds the schedule spans)")
-        if t.time_limit < 0:
-            raise ValueError(f"train.time_limit must be >= 0 seconds, got {t.time_limit}")
-        if not t.dist_timeout > 0:
-            raise ValueError(f"train.dist_timeout must be > 0 seconds, got {t.dist_timeout}")
-        if not 0 <= t.ema < 1:
-            raise ValueError(f"train.ema must be in [0, 1), got {t.ema}")
-        if not 0 < self.data.train_fraction < 1:
+        if not 0 < self.data.train_fraction < 1:  # (False for NaN)
             raise ValueError(f"data.train_fraction must be in (0, 1), got {self.data.train_fraction}")
 
+
+# Every float setting of TrainConfig: (name, low, high, low excluded, high excluded). NaN and inf never pass.
+FLOAT_RANGES = [
+    ("lr", 0.0, 10.0, True, False),
+    ("min_lr_ratio", 0.0, 1.0, False, False),
+    ("beta1", 0.0, 1.0, False, True),
+    ("beta2", 0.0, 1.0, False, True),
+    ("weight_decay", 0.0, 10.0, False, False),
+    ("grad_clip", 0.0, 1e9, True, False),
+    ("ema", 0.0, 1.0, False, True),
+    ("time_limit", 0.0, 1e9, False, False),
+    ("dist_timeout", 0.0, 1e9, True, False),
+]
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
