@@ -45,3 +45,89 @@ def test_eval_batch_size_must_be_positive(tmp_path, value):
 def test_sample_temperature_must_be_finite(tmp_path):
     r = run_cli("sample", str(tmp_path), "--temperature", "nan")
     assert r.returncode == 2 and "expected a finite number >= 0" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_second_run_on_a_locked_folder_fails_naming_the_holder(tmp_path):
+    import os
+
+    from sparse_transformer.train.guard import RunLock
+
+    with RunLock(tmp_path):
+        with pytest.raises(ValueError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+            train(tiny(tmp_path, steps=1), show_progress=False, echo=lambda *_: None)
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    import sparse_transformer.train.loop as loop
+    from sparse_transformer.train.guard import Diverged
+
+    calls = {"n": 0}
+    real = torch.nn.functional.cross_entropy
+
+    class PoisonedF:  # the loss turns NaN from the 5th step on
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        @staticmethod
+        def cross_entropy(*a, **k):
+            calls["n"] += 1
+            out = real(*a, **k)
+            return out * float("nan") if calls["n"] > 4 else out
+
+    monkeypatch.setattr(loop, "F", PoisonedF())
+    with pytest.raises(Diverged, match="3 steps in a row"):
+        train(tiny(tmp_path, ("train.ckpt_every", "4"), ("train.max_nonfinite", "3"), steps=20),
+              show_progress=False, echo=lambda *_: None)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    import json
+
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]  # strict JSON
+    assert any(r.get("loss", 0) is None for r in rows)
+
+
+def test_sigterm_saves_and_stops_with_exit_code_0(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import torch
+
+    import sparse_transformer.train.loop as loop
+    from sparse_transformer.train.guard import Stopped
+
+    real = loop.get_batch
+
+    def batch_then_term(data, n_ctx, seed, step, *a, **k):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(data, n_ctx, seed, step, *a, **k)
+
+    monkeypatch.setattr(loop, "get_batch", batch_then_term)
+    with pytest.raises(Stopped) as e:
+        train(tiny(tmp_path, steps=50), show_progress=False, echo=lambda *_: None)
+    assert e.value.code == 0
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3  # the current step finished
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_torn_metrics_line_is_dropped_on_resume_and_finished_run_is_left_alone(tmp_path):
+    train(tiny(tmp_path, ("train.ckpt_every", "2"), ("train.stop_at", "2"), steps=4),
+          show_progress=False, echo=lambda *_: None)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # torn by a full disk
+    train(tiny(tmp_path, steps=4), resume=True, show_progress=False, echo=lambda *_: None)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"}
+    said = []
+    train(tiny(tmp_path, steps=4), resume=True, show_progress=False, echo=said.append)
+    assert any("nothing to do" in s for s in said)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before
+
+
+def test_fresh_run_refuses_a_folder_with_another_runs_log(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ValueError, match="holds another run's log"):
+        train(tiny(tmp_path, steps=1), show_progress=False, echo=lambda *_: None)

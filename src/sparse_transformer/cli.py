@@ -14,6 +14,7 @@ from .cli_bench import add_bench as _add_bench
 from .cli_bench import cmd_bench as _cmd_bench
 from .cli_common import Parser as _Parser, at_least, finite_at_least
 from .cli_common import UsageError, size_arg
+from .train.guard import Diverged, Stopped
 from .cli_pictures import add_pictures, cmd_plot, cmd_show_attention, cmd_show_pattern
 from .sysutil import tune_malloc
 from .train.distributed import DistributedFailure
@@ -279,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"sparse-transformer: error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"sparse-transformer: error: {e}", file=sys.stderr)
+        return 3
+    except Stopped as e:
+        print(f"sparse-transformer: {e}", file=sys.stderr)
+        return e.code
     except DistributedFailure as e:
         print(f"sparse-transformer: error: {e}; the last checkpoint on disk is intact", file=sys.stderr)
         return 1

@@ -87,6 +87,12 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path):
     """Open ``path`` for binary writing so that a crash leaves the old file or the new one.
@@ -102,6 +108,7 @@ def atomic_open(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the user's usual mode
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

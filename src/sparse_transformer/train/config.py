@@ -29,6 +29,7 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 0.01  # decoupled, on matrices only
     grad_clip: float = 1.0
+    max_nonfinite: int = 5  # steps in a row with a non-finite loss or gradient (each skipped) before the run stops
     ema: float = 0.0  # Polyak averaging of the weights (0.999 in the paper's style); 0 = off
     precision: str = "auto"  # auto (bfloat16 where the hardware computes it, else float32) | float32 | bfloat16 | float16 (CUDA)
     compile: bool = False  # torch.compile the model for training (fuses the element-wise work; compiles at the first steps)
@@ -83,7 +84,7 @@ class RunConfig:
     def validate(self) -> None:
         self.model.validate()
         t = self.train
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "max_nonfinite"):
             if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be an integer >= 1, got {getattr(t, name)!r}")
         for name in ("warmup", "eval_every", "ckpt_every", "eval_max_bytes", "sample_bytes", "threads", "stop_at"):

@@ -2,10 +2,13 @@
 recomputation, EMA, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +23,7 @@ from .checkpoint import CKPT_NAME, atomic_torch_save, export_weights, load_check
 from . import distributed as D
 from .config import RunConfig
 from .evaluate import autocast_context, evaluate
+from .guard import Divergence, RunLock, StopSignals, check_finite, remove_stale_temps
 from .optim import EMA, lr_at, make_optimizer
 from .precision import resolve as resolve_precision
 from .progress import Progress
@@ -46,7 +50,15 @@ class MetricsLog:
         self.path = out_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # Drop what was logged after the checkpoint we resume from.
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            kept = []
+            for n, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+                try:
+                    row = json.loads(line) if line else None
+                except json.JSONDecodeError:  # a line torn by a crash or a full disk
+                    warnings.warn(f"{self.path}: line {n} is not JSON (torn by an interrupted write); dropped")
+                    continue
+                if isinstance(row, dict) and row.get("step", 0) <= resume_step:
+                    kept.append(line)
             atomic_write_text(self.path, "".join(l + "\n" for l in kept))
         self.f = open(self.path, "a")
         try:
@@ -57,7 +69,8 @@ class MetricsLog:
             self.tb = None
 
     def log(self, row: dict) -> None:
-        self.f.write(json.dumps(row) + "\n")
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self.f.write(json.dumps(row, allow_nan=False) + "\n")  # strict JSON: NaN and inf become null
         self.f.flush()
         if self.tb:
             for k, v in row.items():
@@ -115,11 +128,25 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
     d, device = D.setup(pick_device(t.device), t.parallel, t.dist_timeout)
     ok = False
     try:
-        summary = _train(cfg, d, device, resume, show_progress and d.main, echo if d.main else (lambda *_: None))
+        with RunLock(Path(t.out_dir)) if d.main else contextlib.nullcontext():
+            summary = _train(cfg, d, device, resume, show_progress and d.main, echo if d.main else (lambda *_: None))
         ok = True
         return summary
     finally:
         D.teardown(d, ok)
+
+
+def keep_previous(ckpt_path: Path) -> None:
+    """ckpt.pt becomes ckpt-prev.pt (a hard link, else a copy) before a new ckpt.pt replaces it."""
+    if not ckpt_path.exists():
+        return
+    prev, tmp = ckpt_path.with_name("ckpt-prev.pt"), ckpt_path.with_name(".ckpt-prev.pt.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(ckpt_path, tmp)
+    except OSError:
+        shutil.copyfile(ckpt_path, tmp)
+    os.replace(tmp, prev)
 
 
 def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_progress: bool, echo) -> dict:
@@ -149,6 +176,15 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
             raise ValueError(f"{ckpt_path} was written without FSDP; resume it with train.parallel = ddp")
     elif ckpt_path.exists():
         raise ValueError(f"{ckpt_path} already exists; pass --resume to continue it or choose another --train.out_dir")
+    elif (out / "metrics.jsonl").exists():
+        raise ValueError(f"{out} holds another run's log (metrics.jsonl) but no checkpoint; "
+                         "choose another --train.out_dir or remove the folder")
+    if d.main and out.is_dir():
+        remove_stale_temps(out, echo)
+    if ckpt is not None and int(ckpt["step"]) >= t.steps and (out / "summary.json").is_file():
+        echo(f"{out} finished at step {ckpt['step']} (train.steps = {t.steps}): nothing to do; "
+             "raise --train.steps to train on")
+        return json.loads((out / "summary.json").read_text())
 
     torch.manual_seed(t.seed)
     model = SparseTransformer(cfg.model).to(device)
@@ -218,7 +254,9 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
                 atomic_torch_save(state, ckpt_path)
                 D.prune_shard_folders(out, shards)
         elif d.main:
+            check_finite(model)
             state.update(model=model.state_dict(), optimizer=opt.state_dict())
+            keep_previous(ckpt_path)
             atomic_torch_save(state, ckpt_path)
         D.barrier(d)
 
@@ -245,57 +283,64 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
     elapsed = elapsed0  # training seconds so far; the same on every process
     timed = bool(t.time_limit)
     losses = []
+    guard = Divergence(t.max_nonfinite)
     model.train()
-    try:
-        for step in range(start, t.steps):
-            lr = lr_at(step, t, elapsed)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(t.grad_accum):
-                x = get_batch(train_data, cfg.model.n_ctx, t.seed, step, t.batch_size, rank=d.rank, world=d.world,
-                              micro=micro, n_micro=t.grad_accum, whole_examples=whole).to(device, non_blocking=True)
-                with D.sync_gradients(net, d, micro == t.grad_accum - 1):
-                    with autocast_context(device, precision):
-                        logits = net(x)  # (b, T, 256)
-                        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1)) / t.grad_accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.item()
-            loss_sum = D.mean(loss_sum, d, device)  # the global batch's loss, the same on every process
-            scaler.unscale_(opt)
-            gnorm = D.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-            scaler.step(opt)  # skipped by the scaler when float16 gradients overflowed
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            if ema:
-                ema.update(model)
-            losses.append(loss_sum)
-            done = step + 1
-            if log and (done % t.log_every == 0 or done == t.steps):
-                now = time.perf_counter()
-                tok_s = (done - last_step) * tokens_per_step / max(now - last_log, 1e-9)
-                last_log, last_step = now, done
-                row = {"step": done, "loss": loss_sum, "bpb": loss_sum / math.log(2), "lr": lr,
-                       "grad_norm": gnorm, "tok_s": tok_s, "time": now - t0}
-                log.log(row)
-                bar.update(done, loss_sum, tok_s, elapsed)
-            else:
-                bar.update(done, elapsed=elapsed)
-            if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-                res = run_eval(done)
-                echo(f"step {done}: val {res['bits_per_dim']:.4f} bits/dim")
-            if t.ckpt_every and done % t.ckpt_every == 0:
-                save(done)
-            if timed:  # every process sees the same time: the same learning rate and the same last step
-                elapsed = D.mean(elapsed0 + time.perf_counter() - t0, d, device)
-                if elapsed >= t.time_limit:
-                    echo(f"time limit of {t.time_limit:.0f} s reached at step {done}")
+    with StopSignals() as signals:
+        try:
+            for step in range(start, t.steps):
+                lr = lr_at(step, t, elapsed)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(t.grad_accum):
+                    x = get_batch(train_data, cfg.model.n_ctx, t.seed, step, t.batch_size, rank=d.rank, world=d.world,
+                                  micro=micro, n_micro=t.grad_accum, whole_examples=whole).to(device, non_blocking=True)
+                    with D.sync_gradients(net, d, micro == t.grad_accum - 1):
+                        with autocast_context(device, precision):
+                            logits = net(x)  # (b, T, 256)
+                            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1)) / t.grad_accum
+                        scaler.scale(loss).backward()
+                    loss_sum += loss.item()
+                loss_sum = D.mean(loss_sum, d, device)  # the global batch's loss, the same on every process
+                scaler.unscale_(opt)
+                gnorm = D.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+                # float16: the scaler skips overflowed steps itself; otherwise a non-finite step is skipped here
+                if scaler.is_enabled() or guard.step_ok(loss_sum, gnorm, step + 1, echo):
+                    scaler.step(opt)
+                    scaler.update()
+                    if ema:
+                        ema.update(model)
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss_sum)
+                done = step + 1
+                if log and (done % t.log_every == 0 or done == t.steps):
+                    now = time.perf_counter()
+                    tok_s = (done - last_step) * tokens_per_step / max(now - last_log, 1e-9)
+                    last_log, last_step = now, done
+                    row = {"step": done, "loss": loss_sum, "bpb": loss_sum / math.log(2), "lr": lr,
+                           "grad_norm": gnorm, "tok_s": tok_s, "time": now - t0}
+                    log.log(row)
+                    bar.update(done, loss_sum, tok_s, elapsed)
+                else:
+                    bar.update(done, elapsed=elapsed)
+                if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+                    res = run_eval(done)
+                    echo(f"step {done}: val {res['bits_per_dim']:.4f} bits/dim")
+                if t.ckpt_every and done % t.ckpt_every == 0:
+                    save(done)
+                if timed:  # every process sees the same time: the same learning rate and the same last step
+                    elapsed = D.mean(elapsed0 + time.perf_counter() - t0, d, device)
+                    if elapsed >= t.time_limit:
+                        echo(f"time limit of {t.time_limit:.0f} s reached at step {done}")
+                        break
+                if t.stop_at and done >= t.stop_at:
+                    echo(f"stopping at step {done} (train.stop_at); continue with --resume")
                     break
-            if t.stop_at and done >= t.stop_at:
-                echo(f"stopping at step {done} (train.stop_at); continue with --resume")
-                break
-    finally:
-        bar.close()
+                if D.mean(float(signals.received is not None), d, device) > 0:  # every process agrees on the step
+                    save(done)
+                    raise signals.stopped(done)
+        finally:
+            bar.close()
     train_time = time.perf_counter() - t0
     final_step = step + 1 if t.steps > start else start
     save(final_step)
