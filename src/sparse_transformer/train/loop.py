@@ -301,7 +301,9 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
                             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1)) / t.grad_accum
                         scaler.scale(loss).backward()
                     loss_sum += loss.item()
-                loss_sum = D.mean(loss_sum, d, device)  # the global batch's loss, the same on every process
+                # One all-reduce: the global batch's loss, and whether any process was asked to stop.
+                loss_sum, stop = D.sum_([loss_sum, float(signals.received is not None)], d, device)
+                loss_sum /= d.world
                 scaler.unscale_(opt)
                 gnorm = D.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
                 # float16: the scaler skips overflowed steps itself; otherwise a non-finite step is skipped here
@@ -336,7 +338,7 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
                 if t.stop_at and done >= t.stop_at:
                     echo(f"stopping at step {done} (train.stop_at); continue with --resume")
                     break
-                if D.mean(float(signals.received is not None), d, device) > 0:  # every process agrees on the step
+                if stop > 0:  # every process agrees on the step
                     save(done)
                     raise signals.stopped(done)
         finally:
