@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 BASE = [("model.n_ctx", "64"), ("model.d_model", "32"), ("model.n_layer", "2"), ("model.n_head", "2"),
         ("model.stride", "8"), ("model.dropout", "0"), ("train.batch_size", "4"), ("train.warmup", "2"),
         ("train.eval_max_bytes", "2000"), ("train.sample_bytes", "0"), ("train.log_every", "1"),
-        ("train.steps", "20"), ("train.threads", "1"),
+        ("train.steps", "20"), ("train.threads", "1"), ("train.schedule", "steps"), ("train.time_limit", "0"),
         ("train.precision", "float32")]  # explicit: "auto" may pick bfloat16, and the comparisons are exact
 
 

@@ -13,6 +13,9 @@ TINY = [
     ("model.stride", "8"), ("model.dropout", "0.1"), ("train.batch_size", "4"), ("train.warmup", "2"),
     ("train.eval_max_bytes", "2000"), ("train.sample_bytes", "16"), ("train.log_every", "1"),
     ("train.precision", "float32"),  # explicit: per-step losses reproducible on every CPU ("auto" may pick bfloat16)
+    # The default (the main job) schedules by the clock: its learning rate depends on the wall time, so two
+    # runs differ in the last bits. Tests that compare runs exactly schedule by steps.
+    ("train.schedule", "steps"), ("train.time_limit", "0"),
 ]
 
 
