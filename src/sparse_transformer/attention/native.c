@@ -149,12 +149,54 @@ static void name(int M, int N, int K, const float *A, int lda, const float *B, i
 GEMM(gemm_nn, 0)
 GEMM(gemm_tn, 1)
 
-/* dst[c][r] = mul * src[r][c] for r < R, c < HD (dst has TQ columns; columns R.. are zeroed). */
+/* dst[c][r] = mul * src[r][c] for r < R, c < HD (dst has TQ columns; columns R.. are zeroed).
+ * Where the compiler has __builtin_shufflevector (Clang, GCC 12+), full VL x VL
+ * blocks are transposed in registers in log2(VL) stages; stage b swaps the
+ * off-diagonal sub-blocks of width b between rows i and i + b. */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SX(b, j) (((j) & (b)) ? VL + (j) - (b) : (j))  /* row i: its own even blocks, row i+b's even blocks */
+#define SY(b, j) (((j) & (b)) ? VL + (j) : (j) + (b))  /* row i+b: row i's odd blocks, its own odd blocks */
+#define IDX4(F, b) F(b, 0), F(b, 1), F(b, 2), F(b, 3)
+#define IDX8(F, b) IDX4(F, b), F(b, 4), F(b, 5), F(b, 6), F(b, 7)
+#define IDX16(F, b) IDX8(F, b), F(b, 8), F(b, 9), F(b, 10), F(b, 11), F(b, 12), F(b, 13), F(b, 14), F(b, 15)
+#if VL == 4
+#define IDX IDX4
+#define STAGES STAGE(2) STAGE(1)
+#elif VL == 8
+#define IDX IDX8
+#define STAGES STAGE(4) STAGE(2) STAGE(1)
+#elif VL == 16
+#define IDX IDX16
+#define STAGES STAGE(8) STAGE(4) STAGE(2) STAGE(1)
+#endif
+#endif
+#ifdef IDX
+#define STAGE(b)                                                                  \
+    for (int i = 0; i < VL; i++)                                                  \
+        if (!(i & (b))) {                                             \
+            vf a = x[i], c = x[i + (b)];                                          \
+            x[i] = __builtin_shufflevector(a, c, IDX(SX, b));                     \
+            x[i + (b)] = __builtin_shufflevector(a, c, IDX(SY, b));               \
+        }
+static inline void transpose_block(const float *src, float *dst, float mul)
+{
+    vf x[VL];
+    for (int r = 0; r < VL; r++) x[r] = ld(src + (size_t)r * HD) * mul;
+    STAGES
+    for (int r = 0; r < VL; r++) st(dst + (size_t)r * TQ, x[r]);
+}
+#endif
+
 static void transpose_tile(const float *src, int R, float *dst, float mul)
 {
+    int r0 = 0;
+#ifdef IDX
+    for (; r0 + VL <= R; r0 += VL)
+        for (int c = 0; c < HD; c += VL) transpose_block(src + (size_t)r0 * HD + c, dst + (size_t)c * TQ + r0, mul);
+#endif
     for (int c = 0; c < HD; c++) {
-        for (int r = 0; r < R; r++) dst[c * TQ + r] = mul * src[(size_t)r * HD + c];
-        for (int r = R; r < TQ; r++) dst[c * TQ + r] = 0.f;
+        for (int r = r0; r < R; r++) dst[c * TQ + r] = mul * src[(size_t)r * HD + c];
+        for (int r = imax(R, r0); r < TQ; r++) dst[c * TQ + r] = 0.f;
     }
 }
 
@@ -175,23 +217,33 @@ static inline vi isplat(int x) { vi v = {0}; return v + x; }
 
 static inline vf vexp2(vf x)
 {
-    /* 2^x = 2^n 2^r with n = round(x), |r| <= 1/2; degree-6 Taylor polynomial
-     * of e^(r ln 2), relative error below 2e-7. x is clamped to [-126, 126]
-     * (NaN becomes -126; the callers mask such entries). */
+    /* 2^x for x <= 0 (the callers subtract the maximum or the log-sum-exp, so
+     * x exceeds 0 by rounding at most): 2^x = 2^n 2^r with n = round(x),
+     * |r| <= 1/2, and a degree-5 minimax polynomial for 2^r (relative error
+     * 2.3e-7 in float32). x is clamped below at -126; NaN becomes -126 (the
+     * callers mask such entries). */
     x = vmax(x, splat(-126.0f));
-    x = vsel(x > splat(126.0f), splat(126.0f), x);
     const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
     vf n = (x + magic) - magic;
     vf r = x - n;
-    vf p = splat(1.5403530393381606e-4f);
-    p = p * r + 1.3333558146428443e-3f;
-    p = p * r + 9.6181291076284772e-3f;
-    p = p * r + 5.5504108664821580e-2f;
-    p = p * r + 2.4022650695910071e-1f;
-    p = p * r + 6.9314718055994531e-1f;
-    p = p * r + 1.0f;
+    vf p = splat(1.327647178127566e-3f);
+    p = p * r + 9.6755413327614948e-3f;
+    p = p * r + 5.5507132741512054e-2f;
+    p = p * r + 2.4022119723882102e-1f;
+    p = p * r + 6.9314696706436041e-1f;
+    p = p * r + 1.0000000716546726f;
     vi e = (__builtin_convertvector(n, vi) + 127) << 23;
     return p * (vf)e;
+}
+
+/* The keys every query of a vector group may attend: [*a, *b] (empty if *a > *b).
+ * Inside it the softmax loops need no mask. */
+static inline void common_keys(vi vlo, vi vhi, int W, int *a, int *b)
+{
+    int lo = 0, hi = W - 1;
+    for (int t = 0; t < VL; t++) { lo = imax(lo, vlo[t]); hi = imin(hi, vhi[t]); }
+    *a = lo;
+    *b = hi;
 }
 
 /* Forward: leaves unnormalised probabilities in St (0 where not allowed),
@@ -202,13 +254,28 @@ static void softmax_cols(float *St, int W, const int *lo, const int *hi, float *
         vi vlo, vhi;
         memcpy(&vlo, lo + v * VL, sizeof vlo);
         memcpy(&vhi, hi + v * VL, sizeof vhi);
+        int ja, jb;
+        common_keys(vlo, vhi, W, &ja, &jb);
         vf m = splat(-INFINITY);
         for (int j = 0; j < W; j++) {
+            if (j == ja && ja <= jb) { /* the keys every query may attend: no mask */
+                for (; j <= jb; j++) m = vmax(m, ld(St + (size_t)j * TQ + v * VL));
+                if (j >= W) break;
+            }
             vi ok = (isplat(j) >= vlo) & (isplat(j) <= vhi);
             m = vmax(m, vsel(ok, ld(St + (size_t)j * TQ + v * VL), splat(-INFINITY)));
         }
         vf sum = splat(0.f);
         for (int j = 0; j < W; j++) {
+            if (j == ja && ja <= jb) {
+                for (; j <= jb; j++) {
+                    float *p = St + (size_t)j * TQ + v * VL;
+                    vf e = vexp2(ld(p) - m);
+                    sum += e;
+                    st(p, e);
+                }
+                if (j >= W) break;
+            }
             float *p = St + (size_t)j * TQ + v * VL;
             vi ok = (isplat(j) >= vlo) & (isplat(j) <= vhi);
             vf e = vand(vexp2(ld(p) - m), ok);
@@ -232,7 +299,18 @@ static void grad_cols(float *St, float *dPt, int W, const int *lo, const int *hi
         memcpy(&vhi, hi + v * VL, sizeof vhi);
         vf L = ld(lse + v * VL) * LOG2E, D = ld(delta + v * VL);
         vi fin = (L > splat(-INFINITY)) & (L < splat(INFINITY));
+        int ja, jb;
+        common_keys(vlo, vhi, W, &ja, &jb); /* these keys have finite log-sum-exps too */
         for (int j = 0; j < W; j++) {
+            if (j == ja && ja <= jb) {
+                for (; j <= jb; j++) {
+                    float *ps = St + (size_t)j * TQ + v * VL, *pd = dPt + (size_t)j * TQ + v * VL;
+                    vf p = vexp2(ld(ps) - L);
+                    st(ps, p);
+                    st(pd, p * (ld(pd) - D) * scale);
+                }
+                if (j >= W) break;
+            }
             float *ps = St + (size_t)j * TQ + v * VL, *pd = dPt + (size_t)j * TQ + v * VL;
             vi ok = (isplat(j) >= vlo) & (isplat(j) <= vhi) & fin;
             vf p = vand(vexp2(ld(ps) - L), ok);
