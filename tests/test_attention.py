@@ -145,6 +145,33 @@ def test_scale():
     assert rel_err(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_scale_must_be_finite_and_positive(scale):
+    q = torch.randn(1, 1, 16, 8)
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        sp.attention(q, q, q, P.Strided(4), scale=scale)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "native", "reference"])
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("pattern,N", [(P.Strided(8), 32), (P.Strided(8), 1024), (P.Strided(22), 500),
+                                       (P.Fixed(22, 4), 2048)])
+def test_non_finite_input_is_never_hidden_and_stays_near(backend, which, pattern, N):
+    """What the docstring promises: every query that attends a NaN key or value is non-finite; on the
+    native kernel and the decomposition the NaN reaches no query 64 or more positions away."""
+    if backend == "native" and not isinstance(pattern, P.Strided):
+        pytest.skip("the native kernel has no pass for Fixed")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, N, 16, generator=g) for _ in range(3))
+    (k if which == "k" else v)[0, :, 10] = float("nan")
+    bad = ~torch.isfinite(sp.attention(q, k, v, pattern, backend=backend)).all(-1)  # (1, H, N)
+    sees = pattern.mask(N, 0)[:, 10]
+    assert bad[0, :, sees].all(), "a query that attends the NaN must not hide it"
+    if backend != "reference":
+        far = (torch.arange(N) - 10).abs() >= 64
+        assert not bad[0, :, far & ~sees].any()
+
+
 def test_non_contiguous_inputs():
     x = torch.randn(2, 50, 3, 8, dtype=torch.float64)  # (B, N, H, D) as a model makes it
     q = k = v = x.transpose(1, 2)

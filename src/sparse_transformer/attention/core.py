@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -186,6 +187,16 @@ def attention(
     The fast path never forms an N x N matrix: for strided and fixed patterns
     with stride ~ sqrt(N) it costs O(N sqrt(N)) time and memory.
     Queries with no allowed key (only possible for some factor patterns) give zeros.
+
+    ``scale`` multiplies the scores (default 1/sqrt(D)); it must be finite and > 0, else a ValueError.
+
+    Non-finite inputs are not checked (that would cost a pass over q, k and v). A NaN or inf in a
+    key or value makes the output of every query that attends it non-finite, on every path: it is
+    never hidden. It is not always confined to those queries: fused kernels multiply a whole tile
+    of probabilities, zeros included, by the tile's values, and 0 x NaN is NaN. A non-finite value
+    reaches queries within 64 positions of it on the native kernel and the decomposition; on one
+    masked SDPA call (``auto`` below 512 positions for patterns without a native pass) and on
+    ``reference`` it can reach any query. Training skips steps whose loss or gradient is non-finite.
     """
     _check_inputs(q, k, v)
     if backend not in BACKENDS:
@@ -194,6 +205,8 @@ def attention(
     pats = per_head_patterns(pattern, H)
     if scale is None:
         scale = default_scale(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if backend == "reference":
         return reference_attention(q, k, v, pats, scale)
     path = choose_path(q, pats, backend)

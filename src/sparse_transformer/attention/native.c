@@ -220,9 +220,11 @@ static inline vf vexp2(vf x)
     /* 2^x for x <= 0 (the callers subtract the maximum or the log-sum-exp, so
      * x exceeds 0 by rounding at most): 2^x = 2^n 2^r with n = round(x),
      * |r| <= 1/2, and a degree-5 minimax polynomial for 2^r (relative error
-     * 2.3e-7 in float32). x is clamped below at -126; NaN becomes -126 (the
-     * callers mask such entries). */
-    x = vmax(x, splat(-126.0f));
+     * 2.3e-7 in float32). x is clamped below at -126. NaN stays NaN (the
+     * comparison is false for it), so a NaN score of an allowed key makes its
+     * query's output NaN instead of vanishing; the callers zero the entries of
+     * keys a query may not attend with a bit mask, which clears NaN too. */
+    x = vsel(x < splat(-126.0f), splat(-126.0f), x);
     const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
     vf n = (x + magic) - magic;
     vf r = x - n;
@@ -284,8 +286,9 @@ static void softmax_cols(float *St, int W, const int *lo, const int *hi, float *
         }
         for (int t = 0; t < VL; t++) {
             int a = v * VL + t;
-            lse[a] = sum[t] > 0 ? (m[t] + log2f(sum[t])) * LN2 : -INFINITY;
-            inv[a] = sum[t] > 0 ? 1.0f / sum[t] : 0.f;
+            /* sum is 0 only for a query with no key; NaN (a NaN score) stays NaN */
+            lse[a] = sum[t] == 0 ? -INFINITY : (m[t] + log2f(sum[t])) * LN2;
+            inv[a] = sum[t] == 0 ? 0.f : 1.0f / sum[t];
         }
     }
 }
