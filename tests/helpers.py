@@ -1,10 +1,48 @@
-"""Shared test helpers."""
+"""Shared test helpers: the CLI runner, the tiny training config, datasets, pattern lists."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from sparse_transformer import patterns as P
+from sparse_transformer.train.config import build_config
+
+TINY = [
+    ("model.n_ctx", "64"), ("model.d_model", "32"), ("model.n_layer", "2"), ("model.n_head", "2"),
+    ("model.stride", "8"), ("model.dropout", "0.1"), ("train.batch_size", "4"), ("train.warmup", "2"),
+    ("train.eval_max_bytes", "2000"), ("train.sample_bytes", "16"), ("train.log_every", "1"),
+    ("train.precision", "float32"),  # explicit: per-step losses reproducible on every CPU ("auto" may pick bfloat16)
+    # The default (the main job) schedules by the clock: its learning rate depends on the wall time, so two
+    # runs differ in the last bits. Tests that compare runs exactly schedule by steps.
+    ("train.schedule", "steps"), ("train.time_limit", "0"),
+]
+
+
+def tiny(tmp_path, *extra, steps=6):
+    """A RunConfig of a 2-layer model that trains in about a second, writing into tmp_path."""
+    return build_config(None, None, TINY + [("train.steps", str(steps)), ("train.out_dir", str(tmp_path))] + list(extra))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """{step: training loss} from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def run_cli(*args, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
+    """``sparse-transformer ARGS`` in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "sparse_transformer", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *parts: str) -> None:
+    """Exit code 2, one line on stderr that contains every one of ``parts``, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    for part in parts:
+        assert part in r.stderr, (part, r.stderr)
 
 
 def tiny_images(root: Path, name: str = "imgs", shape=(4, 4, 3), counts=(("train", 20), ("val", 4))) -> Path:

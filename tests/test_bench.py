@@ -1,20 +1,16 @@
 """The comparison benchmarks in CI-sized runs (their figures live in BENCHMARKS.md)."""
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import torch
+
+from helpers import run_cli
 
 from sparse_transformer.bench.compare import compressor_bits, min_context_bits
 from sparse_transformer.data.prepare import prepare
 from sparse_transformer.model import ModelConfig, SparseTransformer
 from sparse_transformer.train.evaluate import evaluate
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sparse_transformer", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_compare_quick(data_dir, tmp_path):

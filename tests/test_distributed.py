@@ -1,6 +1,5 @@
 """Data-parallel training with torchrun on the CPU (gloo): same losses as one process, resume with another
 number of processes, and a dead rank ending the run cleanly."""
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import losses
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
 
@@ -34,11 +34,6 @@ def torchrun(n: int, out: Path, *extra: tuple[str, str], wait: bool = True):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def one_process(out: Path, *extra, resume=False):

@@ -1,5 +1,3 @@
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -7,13 +5,9 @@ from PIL import Image
 
 from sparse_transformer import patterns as P
 from sparse_transformer.pictures import ALLOWED, EMPTY, GAP, QUERY, pattern_image
-from helpers import tiny_images
+from helpers import run_cli, tiny_images
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sparse_transformer", *args], capture_output=True, text=True, timeout=300)
 
 
 def _matrix(img: np.ndarray, n: int, scale: int, row: int = 0, panel_h: int | None = None) -> np.ndarray:

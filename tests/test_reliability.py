@@ -5,7 +5,8 @@ import pytest
 
 from sparse_transformer.train.config import build_config
 
-from test_train import run_cli, tiny, train
+from helpers import run_cli, tiny
+from sparse_transformer.train.loop import train
 
 
 @pytest.mark.parametrize(

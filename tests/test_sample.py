@@ -1,20 +1,14 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 
-from helpers import tiny_images
+from helpers import run_cli, tiny_images
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
 
 SMALL = [("model.d_model", "32"), ("model.n_layer", "2"), ("model.n_head", "2"), ("train.steps", "2"),
          ("train.batch_size", "2"), ("train.sample_bytes", "0"), ("train.eval_max_bytes", "512")]
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sparse_transformer", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_sample_text(tmp_path):

@@ -1,31 +1,11 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import TINY, losses, run_cli, tiny
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
-
-TINY = [
-    ("model.n_ctx", "64"), ("model.d_model", "32"), ("model.n_layer", "2"), ("model.n_head", "2"),
-    ("model.stride", "8"), ("model.dropout", "0.1"), ("train.batch_size", "4"), ("train.warmup", "2"),
-    ("train.eval_max_bytes", "2000"), ("train.sample_bytes", "16"), ("train.log_every", "1"),
-    ("train.precision", "float32"),  # explicit: per-step losses reproducible on every CPU ("auto" may pick bfloat16)
-    # The default (the main job) schedules by the clock: its learning rate depends on the wall time, so two
-    # runs differ in the last bits. Tests that compare runs exactly schedule by steps.
-    ("train.schedule", "steps"), ("train.time_limit", "0"),
-]
-
-
-def tiny(tmp_path, *extra, steps=6):
-    return build_config(None, None, TINY + [("train.steps", str(steps)), ("train.out_dir", str(tmp_path))] + list(extra))
-
-
-def losses(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def test_train_writes_everything(tmp_path):
@@ -143,10 +123,6 @@ def test_compiled_training_matches_eager(tmp_path):
     assert eager.keys() == compiled.keys() == {1, 2, 3}
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sparse_transformer", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_train_and_eval(tmp_path):

@@ -44,19 +44,22 @@ def _add_train(sub) -> None:
     tr.add_argument("--resume", action="store_true", help="continue from train.out_dir/ckpt.pt")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
+    tr.add_argument("--force", action="store_true",
+                    help="skip the check that the model and its activations fit in the device's available memory")
 
     ev = sub.add_parser(
         "eval",
         help="bits per dim of a checkpoint on a split",
         description="Evaluate a checkpoint: mean NLL / ln 2 over the whole split, in fixed non-overlapping windows.",
     )
-    ev.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
+    ev.add_argument("checkpoint", help="a run folder, its ckpt.pt, or its model.safetensors (config.json beside it)")
     ev.add_argument("--split", default="val", help="val (default) or test")
     ev.add_argument("--batch-size", type=at_least(1), default=8)
     ev.add_argument("--max-bytes", type=at_least(0), default=0, help="evaluate only the first bytes of the split (0 = all)")
     ev.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default=None,
                     help="autocast precision of the evaluation (default: the run's train.precision)")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--force", action="store_true", help="skip the check that the model fits in the device's available memory")
     ev.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                     help="write the result as JSON to PATH (stdout without PATH); default: eval-SPLIT.json beside the checkpoint")
 
@@ -87,11 +90,11 @@ def _cmd_train(args, extra) -> int:
 
     cfg = build_config(args.preset, args.config, _overrides(extra))
     if args.resume:
-        from .train.checkpoint import load_checkpoint
-        from .train.config import RunConfig, set_key
+        from .train.checkpoint import checkpoint_config, load_checkpoint
+        from .train.config import set_key
 
-        ckpt = load_checkpoint(f"{cfg.train.out_dir}/ckpt.pt")
-        cfg = RunConfig.from_dict(ckpt["config"])
+        path = f"{cfg.train.out_dir}/ckpt.pt"
+        cfg = checkpoint_config(load_checkpoint(path)["config"], path)
         for key, value in _overrides(extra):
             set_key(cfg, key, value)
         cfg.validate()
@@ -100,37 +103,32 @@ def _cmd_train(args, extra) -> int:
 
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    train(cfg, resume=args.resume, show_progress=not args.no_progress)
+    train(cfg, resume=args.resume, show_progress=not args.no_progress, force=args.force)
     return 0
 
 
 def _cmd_eval(args, extra) -> int:
     from .bench.common import write_json
     from .data import load_dataset
-    from .model import SparseTransformer
-    from .train.checkpoint import eval_state, load_checkpoint, resolve
-    from .train.config import RunConfig
+    from .train.checkpoint import load_run
     from .train.evaluate import evaluate
     from .train.loop import pick_device
+    from .train.precision import resolve as resolve_precision
 
     if extra:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
-    path = resolve(args.checkpoint)
-    ckpt = load_checkpoint(path)
-    cfg = RunConfig.from_dict(ckpt["config"])
     device = pick_device(args.device)
-    model = SparseTransformer(cfg.model).to(device)
-    model.load_state_dict(eval_state(ckpt))
-    use_ema = eval_state(ckpt) is ckpt.get("ema")
+    run = load_run(args.checkpoint, device, force=args.force)
+    cfg = run.config
     ds = load_dataset(cfg.data.name, cfg.data.train_fraction, cfg.data.dir)
-    from .train.precision import resolve as resolve_precision
-
     precision, _ = resolve_precision(args.precision or cfg.train.precision, device)
-    res = evaluate(model, ds.split(args.split), batch_size=args.batch_size, precision=precision, max_bytes=args.max_bytes)
-    res.update({"precision": precision, "checkpoint": str(path), "split": args.split, "step": ckpt["step"], "dataset": ds.name, "ema": use_ema})
+    res = evaluate(run.model, ds.split(args.split), batch_size=args.batch_size, precision=precision, max_bytes=args.max_bytes)
+    res.update({"precision": precision, "checkpoint": str(run.path), "split": args.split, "step": run.step,
+                "dataset": ds.name, "ema": run.ema})
     if args.json != "-":
-        print(f"{ds.name} {args.split}: {res['bits_per_dim']:.4f} bits per dim over {res['bytes']:,} bytes (step {ckpt['step']})")
-    write_json(res, args.json or str(path.parent / f"eval-{args.split}.json"))
+        step = f" (step {run.step})" if run.step is not None else ""
+        print(f"{ds.name} {args.split}: {res['bits_per_dim']:.4f} bits per dim over {res['bytes']:,} bytes{step}")
+    write_json(res, args.json or str(run.path.parent / f"eval-{args.split}.json"))
     return 0
 
 
@@ -142,7 +140,7 @@ def _add_sample(sub) -> None:
         "image models (model.data_shape = H x W x C) write one PNG grid; --complete INDEX keeps the top half "
         "of test image INDEX and writes original | kept half | completions side by side.",
     )
-    sp.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
+    sp.add_argument("checkpoint", help="a run folder, its ckpt.pt, or its model.safetensors (config.json beside it)")
     sp.add_argument("-n", type=at_least(1), default=1, help="number of samples (default 1)")
     sp.add_argument("--length", type=at_least(1), default=None, help="steps to generate for text (default min(500, n_ctx)) and audio (default n_ctx)")
     sp.add_argument("--temperature", type=finite_at_least(0), default=1.0, help="softmax temperature; 0 means argmax (default 1.0)")
@@ -153,14 +151,13 @@ def _add_sample(sub) -> None:
     sp.add_argument("-o", "--out", default=None, help="output file (text: default stdout; images: samples.png; audio: samples.wav)")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--force", action="store_true", help="skip the check that the model fits in the device's available memory")
 
 
 def _cmd_sample(args, extra) -> int:
     from .data import load_dataset
-    from .model import SparseTransformer
     from .sampling import sample
-    from .train.checkpoint import eval_state, load_checkpoint
-    from .train.config import RunConfig
+    from .train.checkpoint import load_run
     from .train.loop import pick_device
 
     if extra:
@@ -169,11 +166,8 @@ def _cmd_sample(args, extra) -> int:
         raise UsageError("-n must be >= 1")
     if args.prompt is not None and args.complete is not None:
         raise UsageError("give --prompt or --complete, not both")
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = RunConfig.from_dict(ckpt["config"])
-    model = SparseTransformer(cfg.model).to(pick_device(args.device))
-    model.load_state_dict(eval_state(ckpt))
-    modality = ckpt.get("modality") or ("image" if len(cfg.model.data_shape) == 3 else "text")
+    run = load_run(args.checkpoint, pick_device(args.device), force=args.force)
+    model, cfg, modality = run.model, run.config, run.modality
     image = modality == "image"
     if args.complete is not None and not image:
         raise UsageError("--complete is for image models; use --prompt TEXT for a text model")

@@ -76,7 +76,7 @@ def add_bench(sub) -> None:
         description="Evaluates CHECKPOINT so that every scored byte is predicted with at least K bytes of "
         "context, for each K, always on the same bytes of the split.",
     )
-    cx.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
+    cx.add_argument("checkpoint", help="a run folder, its ckpt.pt, or its model.safetensors (config.json beside it)")
     cx.add_argument("--contexts", type=_positive_ints, default=None,
                     help="minimum contexts (default 0 and 1/4, 1/2, 3/4, 7/8, 15/16 of n_ctx)")
     cx.add_argument("--max-bytes", type=at_least(0), default=65536, help="bytes to score (default 65536)")

@@ -32,7 +32,7 @@ def add_pictures(sub) -> None:
         "layer (rows) and head (columns): red where the query attends, over the example in grey for image "
         "models; text and audio are laid out in rows of the stride.",
     )
-    sa.add_argument("checkpoint", help="a ckpt.pt file or a run folder")
+    sa.add_argument("checkpoint", help="a run folder, its ckpt.pt, or its model.safetensors (config.json beside it)")
     sa.add_argument("--position", type=at_least(0), required=True, help="the query position")
     sa.add_argument("--index", type=at_least(0), default=0, help="which example (image) or window (text) of the split")
     sa.add_argument("--split", default="val")
@@ -70,18 +70,14 @@ def cmd_show_attention(args, extra) -> int:
     import torch
 
     from .data import load_dataset
-    from .model import SparseTransformer
     from .pictures import _png, attention_image, attention_weights
     from .sysutil import atomic_write_bytes
-    from .train.checkpoint import eval_state, load_checkpoint
-    from .train.config import RunConfig
+    from .train.checkpoint import load_run
 
     if extra:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = RunConfig.from_dict(ckpt["config"])
-    model = SparseTransformer(cfg.model)
-    model.load_state_dict(eval_state(ckpt))
+    run = load_run(args.checkpoint)
+    model, cfg = run.model, run.config
     n = cfg.model.n_ctx
     if not 0 <= args.position < n:
         raise UsageError(f"--position must be in [0, {n - 1}], got {args.position}")

@@ -118,14 +118,10 @@ def min_context_bits(model, data: np.ndarray, k: int, start: int, end: int, batc
 
 def run_context(checkpoint: str, *, contexts: list[int] | None = None, max_bytes: int = 65536, split: str = "val",
                 progress=print) -> dict:
-    from ..model import SparseTransformer
-    from ..train.checkpoint import eval_state, load_checkpoint
-    from ..train.config import RunConfig
+    from ..train.checkpoint import load_run
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = RunConfig.from_dict(ckpt["config"])
-    model = SparseTransformer(cfg.model)
-    model.load_state_dict(eval_state(ckpt))
+    run = load_run(checkpoint)
+    model, cfg = run.model, run.config
     n = cfg.model.n_ctx
     contexts = sorted(contexts or sorted({0, n // 4, n // 2, 3 * n // 4, n - n // 8, n - n // 16}))
     if contexts[-1] >= n:

@@ -44,15 +44,47 @@ def _split_bytes(name: str, raw: bytes | np.ndarray, fraction: float) -> Dataset
     return Dataset(name, {"train": arr[:cut], "val": arr[cut:]})
 
 
+MODALITIES = ("text", "image", "audio")
+
+
+def _read_meta(path: Path) -> dict:
+    """meta.json of a prepared folder, checked; every error names the file."""
+    f = path / "meta.json"
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); run `sparse-transformer data prepare` again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{f} must hold a JSON object, got {type(meta).__name__}")
+    splits, shape = meta.get("splits"), meta.get("shape", [])
+    if not isinstance(splits, dict) or not splits or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in splits.items()):
+        raise ValueError(f"{f}: 'splits' must map split names to byte counts, got {splits!r}")
+    if meta.get("modality", "text") not in MODALITIES:
+        raise ValueError(f"{f}: 'modality' must be one of {', '.join(MODALITIES)}, got {meta.get('modality')!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise ValueError(f"{f}: 'shape' must be a list of positive integers, got {shape!r}")
+    return meta
+
+
 def _prepared(path: Path) -> Dataset:
-    meta = json.loads((path / "meta.json").read_text())
+    """A prepared folder; each split's size is checked against meta.json (a cut or grown file is an error)."""
+    meta = _read_meta(path)
+    shape = list(meta.get("shape", []))
+    example = int(np.prod(shape)) if shape else 1
     splits = {}
-    for split in meta.get("splits", {}):
+    for split, size in meta["splits"].items():
         f = path / f"{split}.bin"
         if not f.is_file():
             raise ValueError(f"{path}: {f.name} is missing; run `sparse-transformer data prepare` again")
-        splits[split] = np.memmap(f, dtype=np.uint8, mode="r")
-    return Dataset(meta.get("name", path.name), splits, meta.get("modality", "text"), list(meta.get("shape", [])), path)
+        actual = f.stat().st_size
+        if actual != size:
+            raise ValueError(f"{f} holds {actual:,} bytes but {path / 'meta.json'} says {size:,}: the file is "
+                             "truncated or changed; run `sparse-transformer data prepare` again")
+        if size % example:
+            raise ValueError(f"{f}: {size:,} bytes is not a whole number of examples of shape {shape}")
+        splits[split] = np.memmap(f, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    return Dataset(meta.get("name", path.name), splits, meta.get("modality", "text"), shape, path)
 
 
 def load_dataset(name: str, train_fraction: float = 0.9, data_dir: str | Path = "data") -> Dataset:

@@ -37,10 +37,12 @@ class RunLock:
     def __init__(self, out_dir: Path):
         self.path = out_dir / ".lock"
         self.fd: int | None = None
+        self.created = False
 
     def __enter__(self) -> "RunLock":
         import fcntl
 
+        self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -56,9 +58,18 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the lock; the file stays (removing it would race a waiting run)
-            self.fd = None
+        if self.fd is None:
+            return
+        # A folder this run created and left empty (it failed before writing anything) goes again, removed
+        # while the lock is held. Otherwise the lock file stays: removing it would race a waiting run.
+        if self.created and [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+            self.path.unlink(missing_ok=True)
+            try:
+                self.path.parent.rmdir()
+            except OSError:
+                pass
+        os.close(self.fd)  # closing releases the lock
+        self.fd = None
 
 
 def remove_stale_temps(out_dir: Path, echo=print) -> None:

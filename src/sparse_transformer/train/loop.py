@@ -19,11 +19,12 @@ from ..data.compressors import cached_compressor_bits
 from ..model import SparseTransformer
 from ..model.generate import generate
 from ..sysutil import atomic_write_text, cpu_description
-from .checkpoint import CKPT_NAME, atomic_torch_save, export_weights, load_checkpoint
+from .checkpoint import CKPT_NAME, atomic_torch_save, checkpoint_config, export_weights, load_checkpoint
 from . import distributed as D
 from .config import RunConfig
 from .evaluate import autocast_context, evaluate
 from .guard import Divergence, RunLock, StopSignals, check_finite, remove_stale_temps
+from .memory import check_fits, param_count, training_bytes
 from .optim import EMA, lr_at, make_optimizer
 from .precision import resolve as resolve_precision
 from .progress import Progress
@@ -113,13 +114,14 @@ def adopt_image_shape(cfg: RunConfig, shape: list[int], echo=print) -> None:
          f"model.n_ctx={H * W * C} (set model.data_shape yourself to choose otherwise)")
 
 
-def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, echo=print) -> dict:
+def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, echo=print, force: bool = False) -> dict:
     """Train as ``cfg`` says; returns a summary with the final validation bits per dim.
 
     Under torchrun this is one process of a data-parallel run (see
     distributed.py): every process takes its share of each global batch, and
     only rank 0 prints, logs and writes checkpoints (FSDP: every rank writes
-    its shards).
+    its shards). ``force`` skips the check that the model and its
+    activations fit in the device's available memory.
     """
     cfg.validate()
     t = cfg.train
@@ -129,7 +131,8 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
     ok = False
     try:
         with RunLock(Path(t.out_dir)) if d.main else contextlib.nullcontext():
-            summary = _train(cfg, d, device, resume, show_progress and d.main, echo if d.main else (lambda *_: None))
+            summary = _train(cfg, d, device, resume, show_progress and d.main, echo if d.main else (lambda *_: None),
+                             force)
         ok = True
         return summary
     finally:
@@ -149,7 +152,8 @@ def keep_previous(ckpt_path: Path) -> None:
     os.replace(tmp, prev)
 
 
-def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_progress: bool, echo) -> dict:
+def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_progress: bool, echo,
+           force: bool = False) -> dict:
     t = cfg.train
     out = Path(t.out_dir)
     ckpt_path = out / CKPT_NAME
@@ -169,7 +173,7 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)  # a clear error if missing or corrupt; nothing is written before
-        saved = ckpt["config"]["model"]
+        saved = checkpoint_config(ckpt["config"], ckpt_path).to_dict()["model"]
         if saved != cfg.to_dict()["model"]:
             raise ValueError(f"the model settings differ from the checkpoint in {out}; resume with the same model.* settings")
         if fsdp and not ckpt.get("shards"):
@@ -186,6 +190,10 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
              "raise --train.steps to train on")
         return json.loads((out / "summary.json").read_text())
 
+    micro = t.batch_size // d.world // t.grad_accum
+    check_fits(training_bytes(cfg.model, micro, precision, bool(t.ema)),
+               f"training this model ({param_count(cfg.model):,} parameters, {micro} x {cfg.model.n_ctx} tokens a step)",
+               device, force)
     torch.manual_seed(t.seed)
     model = SparseTransformer(cfg.model).to(device)
     if ckpt is not None:
@@ -362,7 +370,7 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
     else:
         eval_state = ema.state_dict() if use_ema else model.state_dict()
     if d.main:
-        export_weights({k: v for k, v in eval_state.items()}, cfg.to_dict(), out)
+        export_weights({k: v for k, v in eval_state.items()}, cfg.to_dict(), out, ds.modality, final_step, use_ema)
     summary = {
         "steps": final_step, "train_seconds": train_time, "val_bits_per_dim": res["bits_per_dim"],
         "val_bytes": res["bytes"], "parameters": n_params, "out_dir": str(out),
