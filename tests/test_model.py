@@ -37,7 +37,7 @@ def test_initialisation_section_6():
     assert m.tok.weight.std().item() == pytest.approx(0.125 / 16, rel=0.05)
     assert m.pos.tables[1].std().item() == pytest.approx(0.125 / 16 / math.sqrt(2), rel=0.1)
     x = torch.randint(0, 256, (2, 128))
-    assert m.loss(x).item() == pytest.approx(math.log(256), abs=1e-5)  # zero logits
+    assert m(x, targets=x)[1].item() == pytest.approx(math.log(256), abs=1e-5)  # zero logits
 
 
 def test_position_coordinates():
@@ -63,11 +63,11 @@ def test_model_is_causal(pattern, combine):
     m = SparseTransformer(small(pattern=pattern, combine=combine, n_ctx=50))
     torch.nn.init.normal_(m.head.weight)  # make logits depend on the input
     x = torch.randint(0, 256, (1, 50))
-    base = m(x)
+    base, _ = m(x)
     for t in (0, 9, 31):
         y = x.clone()
         y[:, t:] = torch.randint(0, 256, (1, 50 - t))
-        assert torch.allclose(m(y)[:, : t + 1], base[:, : t + 1], atol=1e-6)
+        assert torch.allclose(m(y)[0][:, : t + 1], base[:, : t + 1], atol=1e-6)
 
 
 @pytest.mark.parametrize("rotary", [False, True])
@@ -76,13 +76,13 @@ def test_half_size_qk_matches_reference_attention(monkeypatch, rotary):
     m = SparseTransformer(small(qk_ratio=0.5, ff_mult=2.0, rotary=rotary))
     torch.nn.init.normal_(m.head.weight)
     x = torch.randint(0, 256, (2, 64))
-    fast = m(x)
+    fast, _ = m(x)
     import sparse_transformer.model.model as mm
 
     original = mm.attention
     ref = lambda q, k, v, p, scale=None: original(q, k, v, p, scale=scale, backend="reference")  # noqa: E731
     monkeypatch.setattr(mm, "attention", ref)
-    assert torch.allclose(m(x), fast, atol=1e-5)
+    assert torch.allclose(m(x)[0], fast, atol=1e-5)
 
 
 def test_checkpoints_with_separate_q_k_v_still_load():
@@ -102,7 +102,7 @@ def test_checkpoints_with_separate_q_k_v_still_load():
     fresh = SparseTransformer(cfg)
     fresh.load_state_dict(old)
     x = torch.randint(0, 256, (2, 64))
-    assert torch.equal(fresh(x), m(x))
+    assert torch.equal(fresh(x)[0], m(x)[0])
 
 
 def test_recompute_same_loss_and_grads_with_dropout():
@@ -115,7 +115,7 @@ def test_recompute_same_loss_and_grads_with_dropout():
         m.cfg.recompute = recompute
         m.zero_grad()
         torch.manual_seed(5)
-        loss = m.loss(x)
+        _, loss = m(x, targets=x)
         loss.backward()
         grads.append((loss.item(), [p.grad.clone() for p in m.parameters()]))
     assert grads[0][0] == grads[1][0]
@@ -143,7 +143,7 @@ def test_incremental_decoding_matches_full_forward(pattern, combine, recompute):
     torch.nn.init.normal_(m.head.weight)
     x = torch.randint(0, 256, (2, 45))
     with torch.no_grad():
-        full = m(x)
+        full, _ = m(x)
     cache = m.new_cache(2)
     for t in range(45):
         logits = m.step(None if t == 0 else x[:, t - 1], t, cache)
@@ -158,14 +158,14 @@ def test_rotary_model_is_causal_and_decodes_like_the_full_forward(pattern, combi
     torch.nn.init.normal_(m.head.weight)
     x = torch.randint(0, 256, (2, 45))
     with torch.no_grad():
-        full = m(x)
+        full, _ = m(x)
         cfg.rotary = False
         plain = SparseTransformer(cfg).eval()
         plain.load_state_dict(m.state_dict())
-        assert not torch.allclose(plain(x), full, atol=1e-3)  # the rotation is applied
+        assert not torch.allclose(plain(x)[0], full, atol=1e-3)  # the rotation is applied
         y = x.clone()
         y[:, 20:] = torch.randint(0, 256, (2, 25))
-        assert torch.allclose(m(y)[:, :21], full[:, :21], atol=1e-6)
+        assert torch.allclose(m(y)[0][:, :21], full[:, :21], atol=1e-6)
     cache = m.new_cache(2)
     for t in range(45):
         logits = m.step(None if t == 0 else x[:, t - 1], t, cache)

@@ -90,7 +90,7 @@ def attention_weights(model, x: torch.Tensor, position: int) -> np.ndarray:
              for blk in model.blocks]
     try:
         model.eval()
-        model(x[None, : position + 1])
+        model(x[None, : position + 1])  # the hooks capture each block's attention input
     finally:
         for h in hooks:
             h.remove()

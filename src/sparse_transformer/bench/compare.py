@@ -11,18 +11,17 @@ k bytes of context, for increasing k, always on the same scored bytes.
 """
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data import load_dataset
 from ..data.compressors import compressor_bits
 from ..train.config import build_config
+from ..train.evaluate import evaluate
 from ..train.loop import train
 from .common import machine_info, table
 
@@ -91,29 +90,12 @@ def run_compare(
             "machine": machine_info(torch.device("cpu")), "results": rows}
 
 
-@torch.no_grad()
 def min_context_bits(model, data: np.ndarray, k: int, start: int, end: int, batch: int = 4) -> float:
-    """Bits per dim over data[start:end], each byte predicted with at least ``k`` bytes of context.
-
-    Windows of n_ctx begin k bytes before the first byte they score and score
-    the next n_ctx - k bytes. Needs start >= k.
-    """
-    n_ctx = model.cfg.n_ctx
-    if not 0 <= k < n_ctx or start < k:
-        raise ValueError(f"minimum context must be in [0, {n_ctx - 1}] and at most the first scored position")
-    device = next(model.parameters()).device
-    windows = [(p - k, min(end, p - k + n_ctx)) for p in range(start, end, n_ctx - k)]
-    full = [w for w in windows if w[1] - w[0] == n_ctx]
-    groups = [full[i : i + batch] for i in range(0, len(full), batch)] + [[w] for w in windows if w not in full]
-    nll, count = 0.0, 0
-    model.eval()
-    for group in groups:
-        x = torch.from_numpy(np.stack([np.asarray(data[a:b]) for a, b in group]).astype(np.int64)).to(device)
-        logits = model(x)  # (b, T, 256)
-        nll += F.cross_entropy(logits[:, k:].float().reshape(-1, logits.shape[-1]), x[:, k:].reshape(-1),
-                               reduction="sum").item()
-        count += x[:, k:].numel()
-    return nll / count / math.log(2)
+    """Bits per dim over data[start:end], each byte predicted with at least ``k`` bytes of context
+    (``evaluate`` with ``min_context=k`` on the bytes from start - k). Needs start >= k."""
+    if start < k:
+        raise ValueError(f"minimum context must be at most the first scored position, got {k} > {start}")
+    return evaluate(model, data[start - k : end], batch_size=batch, min_context=k)["bits_per_dim"]
 
 
 def run_context(checkpoint: str, *, contexts: list[int] | None = None, max_bytes: int = 65536, split: str = "val",

@@ -47,7 +47,7 @@ def measure(case: dict) -> dict:
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model.loss(x)
+            _, loss = model(x, targets=x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -64,6 +64,6 @@ def generate_naive(
     was_training = model.training
     model.eval()
     for t in range(len(prompt), x.shape[1]):
-        x[:, t] = _pick(model(x[:, : t + 1])[:, t], temperature, g)
+        x[:, t] = _pick(model(x[:, : t + 1])[0][:, t], temperature, g)
     model.train(was_training)
     return x

@@ -205,6 +205,13 @@ class Block(nn.Module):
         return h + a + b
 
 
+def nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Negative log-likelihood in nats, computed in float32: the one loss of training, evaluation and the
+    benchmarks. reduction "mean" (a scalar), "sum", or "none" ((B, T), one value per position)."""
+    flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+    return flat.view(targets.shape) if reduction == "none" else flat
+
+
 class SparseTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -250,8 +257,13 @@ class SparseTransformer(nn.Module):
         h = torch.cat([self.start.expand(B, 1, -1), self.tok(x[:, :-1])], dim=1)
         return self.drop(h + self.pos(T))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T) int64 in [0, vocab) -> logits (B, T, vocab); logits[:, t] predicts x[:, t]."""
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T) int64 in [0, vocab) -> (logits (B, T, vocab), loss); logits[:, t] predicts x[:, t].
+
+        The model predicts its own input (the start token stands before x[:, 0]), so ``targets`` is
+        normally ``x``. The loss is ``nll(logits, targets, reduction)``, None without targets.
+        """
         h = self.embed(x)
         for blk in self.blocks:
             if self.cfg.recompute and self.training and torch.is_grad_enabled():
@@ -260,7 +272,8 @@ class SparseTransformer(nn.Module):
                 h = checkpoint(blk, h, use_reentrant=False, preserve_rng_state=True)
             else:
                 h = blk(h)
-        return self.head(self.ln_f(h))
+        logits = self.head(self.ln_f(h))  # (B, T, vocab)
+        return logits, (None if targets is None else nll(logits, targets, reduction))
 
     def attention_path(self, device: torch.device, precision: str = "float32") -> str:
         """Which attention path each distinct layer pattern runs on at n_ctx (for the train header)."""
@@ -295,11 +308,6 @@ class SparseTransformer(nn.Module):
         for blk, c in zip(self.blocks, cache):
             h = blk.step(h, t, c)
         return self.head(self.ln_f(h))
-
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood in nats per byte."""
-        logits = self.forward(x)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..model import SparseTransformer
+from ..model import SparseTransformer, nll
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -21,42 +20,42 @@ def autocast_context(device: torch.device, precision: str):
 @torch.no_grad()
 def evaluate(
     model: SparseTransformer, data: np.ndarray, *, batch_size: int = 8, precision: str = "float32",
-    max_bytes: int = 0, progress=None, share: tuple[int, int] = (0, 1), reduce=None,
+    max_bytes: int = 0, min_context: int = 0, progress=None, share: tuple[int, int] = (0, 1), reduce=None,
 ) -> dict:
-    """Deterministic: fixed non-overlapping windows of n_ctx bytes from the start of ``data``.
+    """Deterministic: windows of n_ctx bytes from the start of ``data`` (its first ``max_bytes``).
 
-    The last, shorter window is scored too, so every byte counts once.
-    ``share`` = (rank, world): score only every world-th batch, starting at
-    rank; ``reduce`` sums [nll] over the processes (then every process gets
-    the bits per dim of the whole split).
+    Every byte from position ``min_context`` on is scored exactly once, each with at least
+    ``min_context`` bytes of context: windows begin ``min_context`` bytes before the first byte
+    they score (with 0, the default, they do not overlap). The last, shorter window is scored too.
+    ``share`` = (rank, world): score only every world-th batch, starting at rank; ``reduce`` sums
+    [nll] over the processes (then every process gets the bits per dim of the whole split).
     """
-    n_ctx = model.cfg.n_ctx
+    n_ctx, k = model.cfg.n_ctx, min_context
     device = next(model.parameters()).device
     total = len(data) if not max_bytes else min(len(data), max_bytes)
-    if total < 1:
-        raise ValueError("cannot evaluate on an empty split")
+    if not 0 <= k < n_ctx:
+        raise ValueError(f"min_context must be in [0, {n_ctx - 1}], got {k}")
+    if total - k < 1:
+        raise ValueError("cannot evaluate on an empty split" if total < 1 else
+                         f"{total} bytes leave nothing to score after a minimum context of {k}")
+    windows = [(p - k, min(total, p - k + n_ctx)) for p in range(k, total, n_ctx - k)]
+    full = [w for w in windows if w[1] - w[0] == n_ctx]
+    rank, world = share
+    groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)][rank::world]
+    if windows[-1] not in full and rank == world - 1:  # the last, shorter window: one process scores it
+        groups.append([windows[-1]])
     was_training = model.training
     model.eval()
-    nll = 0.0
-    starts = list(range(0, total - total % n_ctx, n_ctx))
-    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
-    rank, world = share
-    batches = batches[rank::world]
-    tail = total % n_ctx if rank == world - 1 else 0  # the last, shorter window: one process scores it
-    for idx in batches:
-        x = torch.from_numpy(np.stack([np.asarray(data[s : s + n_ctx]) for s in idx]).astype(np.int64)).to(device)
+    total_nll = 0.0
+    for group in groups:
+        x = torch.from_numpy(np.stack([np.asarray(data[a:b]) for a, b in group]).astype(np.int64)).to(device)
         with autocast_context(device, precision):
-            logits = model(x)
-        nll += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1), reduction="sum").item()
+            logits, _ = model(x)
+        total_nll += nll(logits[:, k:], x[:, k:], "sum").item()
         if progress:
-            progress(len(idx) * n_ctx)
-    if tail:
-        x = torch.from_numpy(np.asarray(data[total - tail : total]).astype(np.int64))[None].to(device)
-        with autocast_context(device, precision):
-            logits = model(x)
-        nll += F.cross_entropy(logits.float()[0], x[0], reduction="sum").item()
+            progress(x[:, k:].numel())
     model.train(was_training)
     if reduce is not None:
-        nll = reduce([nll])[0]
-    nats = nll / total
-    return {"bits_per_dim": nats / math.log(2), "nats_per_dim": nats, "bytes": total, "n_ctx": n_ctx}
+        total_nll = reduce([total_nll])[0]
+    nats = total_nll / (total - k)
+    return {"bits_per_dim": nats / math.log(2), "nats_per_dim": nats, "bytes": total - k, "n_ctx": n_ctx}

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..data import get_batch, load_dataset
 from ..data.compressors import cached_compressor_bits
@@ -305,8 +304,8 @@ def _train(cfg: RunConfig, d: D.Dist, device: torch.device, resume: bool, show_p
                                   micro=micro, n_micro=t.grad_accum, whole_examples=whole).to(device, non_blocking=True)
                     with D.sync_gradients(net, d, micro == t.grad_accum - 1):
                         with autocast_context(device, precision):
-                            logits = net(x)  # (b, T, 256)
-                            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1)) / t.grad_accum
+                            _, loss = net(x, targets=x)  # the model predicts its own input, shifted by the start token
+                            loss = loss / t.grad_accum
                         scaler.scale(loss).backward()
                     loss_sum += loss.item()
                 # One all-reduce: the global batch's loss, and whether any process was asked to stop.
