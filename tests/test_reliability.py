@@ -62,23 +62,18 @@ def test_second_run_on_a_locked_folder_fails_naming_the_holder(tmp_path):
 def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
     import torch
 
-    import sparse_transformer.train.loop as loop
+    import sparse_transformer.model.model as model_module
     from sparse_transformer.train.guard import Diverged
 
     calls = {"n": 0}
-    real = torch.nn.functional.cross_entropy
+    real = model_module.nll
 
-    class PoisonedF:  # the loss turns NaN from the 5th step on
-        def __getattr__(self, name):
-            return getattr(torch.nn.functional, name)
+    def poisoned(*a, **k):  # the training loss turns NaN from the 5th step on
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] > 4 else out
 
-        @staticmethod
-        def cross_entropy(*a, **k):
-            calls["n"] += 1
-            out = real(*a, **k)
-            return out * float("nan") if calls["n"] > 4 else out
-
-    monkeypatch.setattr(loop, "F", PoisonedF())
+    monkeypatch.setattr(model_module, "nll", poisoned)
     with pytest.raises(Diverged, match="3 steps in a row"):
         train(tiny(tmp_path, ("train.ckpt_every", "4"), ("train.max_nonfinite", "3"), steps=20),
               show_progress=False, echo=lambda *_: None)
@@ -96,17 +91,17 @@ def test_sigterm_saves_and_stops_with_exit_code_0(tmp_path, monkeypatch):
 
     import torch
 
-    import sparse_transformer.train.loop as loop
+    import sparse_transformer.train.trainer as trainer
     from sparse_transformer.train.guard import Stopped
 
-    real = loop.get_batch
+    real = trainer.get_batch
 
     def batch_then_term(data, n_ctx, seed, step, *a, **k):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(data, n_ctx, seed, step, *a, **k)
 
-    monkeypatch.setattr(loop, "get_batch", batch_then_term)
+    monkeypatch.setattr(trainer, "get_batch", batch_then_term)
     with pytest.raises(Stopped) as e:
         train(tiny(tmp_path, steps=50), show_progress=False, echo=lambda *_: None)
     assert e.value.code == 0

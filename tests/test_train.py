@@ -13,7 +13,7 @@ def test_train_writes_everything(tmp_path):
     for name in ("ckpt.pt", "metrics.jsonl", "model.safetensors", "config.json", "summary.json"):
         assert (tmp_path / name).is_file(), name
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 6 and set(ckpt) >= {"model", "optimizer", "rng", "config", "scaler", "ema", "data_position"}
+    assert ckpt["step"] == 6 and set(ckpt) >= {"model", "optimizer", "rng", "config", "scaler", "ema"}
     assert 0 < summary["val_bits_per_dim"] < 9
     assert len(summary["sample"]) > 0
     from safetensors.torch import load_file
@@ -29,7 +29,7 @@ def test_resume_gives_identical_losses(tmp_path):
     first = tmp_path / "first"
     c = tiny(first, ("train.ckpt_every", "3"))
     c.train.steps = 6
-    import sparse_transformer.train.loop as loop
+    import sparse_transformer.train.trainer as loop
 
     class Stop(Exception):
         pass

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -23,6 +25,19 @@ def atomic_torch_save(obj, path: Path) -> None:
     """torch.save through a temporary file, fsync and rename: never a half file."""
     with atomic_open(path) as f:
         torch.save(obj, f)
+
+
+def keep_previous(ckpt_path: Path) -> None:
+    """ckpt.pt becomes ckpt-prev.pt (a hard link, else a copy) before a new ckpt.pt replaces it."""
+    if not ckpt_path.exists():
+        return
+    prev, tmp = ckpt_path.with_name("ckpt-prev.pt"), ckpt_path.with_name(".ckpt-prev.pt.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(ckpt_path, tmp)
+    except OSError:
+        shutil.copyfile(ckpt_path, tmp)
+    os.replace(tmp, prev)
 
 
 def resolve(path: str | Path) -> Path:

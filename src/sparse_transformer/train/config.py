@@ -224,3 +224,24 @@ def build_config(preset: str | None, config_file: str | None, overrides: list[tu
         set_key(cfg, key, value)
     cfg.validate()
     return cfg
+
+
+def resolve(cfg: RunConfig, dataset) -> tuple[RunConfig, str | None]:
+    """The settings a run uses on ``dataset``: a new RunConfig (``cfg`` is not changed) and a note
+    saying what the data decided, or None.
+
+    Image data drives the model when model.data_shape is not given (sections 5.3, 7.1):
+    model.data_shape becomes the images' shape, model.stride one image row (W * C: 96 for
+    CIFAR-10, 28 for Fashion-MNIST) and model.n_ctx one image.
+    """
+    if dataset.modality != "image" or not dataset.shape or cfg.model.data_shape:
+        return cfg, None
+    H, W, C = dataset.shape
+    new = RunConfig.from_dict(cfg.to_dict())
+    new.model.data_shape = [H, W, C]
+    new.model.stride = W * C
+    new.model.n_ctx = H * W * C
+    new.model.c = min(new.model.c, new.model.stride)
+    new.validate()
+    return new, (f"image data {H}x{W}x{C}: model.data_shape={H}x{W}x{C}, model.stride={W * C} (one row), "
+                 f"model.n_ctx={H * W * C} (set model.data_shape yourself to choose otherwise)")
