@@ -1,11 +1,11 @@
 import gzip
+import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from helpers import assert_one_line_error, run_cli
 from sparse_transformer.data import get_batch, load_dataset
 from sparse_transformer.data.prepare import prepare
 
@@ -84,11 +84,8 @@ def test_batches_are_a_pure_function_of_seed_and_step():
 
 
 def test_cli_data_prepare_errors(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "sparse_transformer", "data", "prepare", "cifar100", "--dir", str(tmp_path)],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "unknown dataset 'cifar100'" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "sparse_transformer", "data", "prepare", "shakespeare", "--dir", str(tmp_path)],
-                       capture_output=True, text=True)
+    assert_one_line_error(run_cli("data", "prepare", "cifar100", "--dir", tmp_path), "unknown dataset 'cifar100'")
+    r = run_cli("data", "prepare", "shakespeare", "--dir", tmp_path)
     assert r.returncode == 2 and "pass --from PATH" in r.stderr
 
 
@@ -138,7 +135,56 @@ def test_images_folder_and_bad_inputs(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "sparse_transformer", *args], capture_output=True, text=True)
+    return run_cli(*args)
+
+
+def _class_folders(root, sizes=((6, 5), (8, 7), (6, 5), (9, 9)), per_class=5):
+    """Images in class subfolders a/, b/, ... of mixed sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for k, (h, w) in enumerate(sizes):
+        folder = root / "abcdefgh"[k]
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_images_name_resize_test_split_labels_note_and_small_meta(tmp_path):
+    src = _class_folders(tmp_path / "src")
+    said = []
+    meta = prepare("images", src, tmp_path / "data", 0.7, size=(4, 4), resize=True, out_name="mine",
+                   test_fraction=0.2, progress=said.append)
+    assert meta["name"] == "mine" and meta["shape"] == [4, 4, 3]
+    assert meta["examples"] == {"train": 14, "val": 2, "test": 4}
+    assert any("labels are not used" in m for m in said)
+    text = (tmp_path / "data" / "mine" / "meta.json").read_text()
+    assert str(src) not in text and "0.png" not in text and meta["sources"][0]["files"] == 20
+    ds = load_dataset("mine", data_dir=tmp_path / "data")
+    assert sorted(ds.splits) == ["test", "train", "val"] and ds.shape == [4, 4, 3]
+    # a second folder of the same kind under another name; the first is left alone
+    prepare("images", src, tmp_path / "data", size=(4, 4), resize=True, out_name="again")
+    assert (tmp_path / "data" / "mine" / "meta.json").read_text() == text
+    with pytest.raises(ValueError, match="the image is 8x7, expected 6x5"):  # no --resize: sizes must agree
+        prepare("images", src, tmp_path / "data", size=(6, 5), out_name="strict")
+
+
+def test_cli_name_resize_test_fraction_and_print_config(tmp_path):
+    src = _class_folders(tmp_path / "src")
+    r = run_cli("data", "prepare", "images", "--from", src, "--dir", tmp_path / "data", "--resize", "4x4",
+                "--name", "tiny4", "--fraction", "0.7", "--test-fraction", "0.2")
+    assert r.returncode == 0, r.stderr
+    assert "prepared images in" in r.stdout and "tiny4" in r.stdout and "labels are not used" in r.stderr
+    r = run_cli("train", "--data.name", tmp_path / "data" / "tiny4", "--print-config")
+    cfg = json.loads(r.stdout)
+    assert cfg["model"]["data_shape"] == [4, 4, 3] and cfg["model"]["n_ctx"] == 48 and cfg["model"]["stride"] == 12
+    for args, msg in [(("--name", "x/y"), "plain folder name"), (("--test-fraction", "0.5"), "test fraction must be in"),
+                      (("--size", "4x4", "--resize", "4x4"), "not both")]:
+        r = run_cli("data", "prepare", "images", "--from", src, "--dir", tmp_path / "data", *args)
+        assert_one_line_error(r, msg)
+    r = run_cli("data", "prepare", "shakespeare", "--name", "s", "--dir", tmp_path / "data")
+    assert_one_line_error(r, "are for text, images, audio")
 
 
 def test_cli_bad_inputs_one_line_and_nothing_damaged(tmp_path):

@@ -1,4 +1,4 @@
-"""KV caches for decoding that follow the pattern (paper section 5.5).
+"""KV caches for decoding that follow the pattern (not in the paper, which does not describe its sampling code).
 
 One cache serves one group of heads of one layer. ``write(t, k, v)`` stores
 position t; ``read(t)`` returns exactly the keys and values that query t may

@@ -26,7 +26,6 @@ _aten = torch.ops.aten
 
 
 class Kernel:
-    name = "base"
 
     def forward(self, q, k, v, causal, mask, scale):
         raise NotImplementedError
@@ -38,7 +37,6 @@ class Kernel:
 class CPUFlash(Kernel):
     """``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward."""
 
-    name = "cpu"
 
     def forward(self, q, k, v, causal, mask, scale):
         o, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
@@ -59,7 +57,6 @@ class CUDAEfficient(Kernel):
     tensor for the backward and hand the caller the first L rows.
     """
 
-    name = "cuda"
     _ALIGN = 32
 
     @staticmethod
@@ -95,7 +92,6 @@ class CUDAEfficient(Kernel):
 class Math(Kernel):
     """Explicit matrix products in float32. Memory O(L * S) per call."""
 
-    name = "math"
 
     @staticmethod
     def _ct(t):

@@ -1,4 +1,4 @@
-"""``sparse-transformer bench sample``: decoding with the pattern-following KV cache (section 5.5).
+"""``sparse-transformer bench sample``: decoding with the pattern-following KV cache (not in the paper).
 
 - Time per token at two positions (default 1,024 and 16,384): one ``model.step``
   at position t, median of repeats, with the cache allocated for the longest

@@ -134,9 +134,20 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_images(files: list[Path], size: tuple[int, int], channels: int = 3) -> np.ndarray:
-    """Images of exactly ``size`` (height, width) as uint8 [N, H, W, channels]; wrong size is an error."""
-    from PIL import Image, UnidentifiedImageError
+def pillow():
+    """PIL.Image, or a ValueError naming the extra to install."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError("images need Pillow: pip install 'sparse-transformer[images]'") from None
+    return Image
+
+
+def read_images(files: list[Path], size: tuple[int, int], channels: int = 3, resize: bool = False) -> np.ndarray:
+    """Images as uint8 [N, H, W, channels] of ``size`` (height, width): resized to it (Lanczos) when
+    ``resize``, else an image of another size is an error."""
+    Image = pillow()
+    from PIL import UnidentifiedImageError
 
     mode = {1: "L", 3: "RGB"}[channels]
     out = np.empty((len(files), size[0], size[1], channels), dtype=np.uint8)
@@ -144,7 +155,10 @@ def read_images(files: list[Path], size: tuple[int, int], channels: int = 3) -> 
         try:
             with Image.open(f) as im:
                 if (im.height, im.width) != tuple(size):
-                    raise ValueError(f"{f}: the image is {im.height}x{im.width}, expected {size[0]}x{size[1]}")
+                    if not resize:
+                        raise ValueError(f"{f}: the image is {im.height}x{im.width}, expected {size[0]}x{size[1]} "
+                                         "(--resize HxW resizes every image)")
+                    im = im.convert(mode).resize((size[1], size[0]), Image.Resampling.LANCZOS)
                 out[i] = np.asarray(im.convert(mode)).reshape(size[0], size[1], channels)
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{f}: not a readable image ({e})") from None

@@ -150,6 +150,25 @@ def _split(arr: np.ndarray, fractions: tuple[float, ...]) -> list[np.ndarray]:
     return np.split(arr, cuts)
 
 
+def _generic_splits(arr: np.ndarray, fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
+    """train | val | test (when test_fraction > 0), in order, for the generic kinds."""
+    if not test_fraction:
+        train, val = _split(arr, (fraction, 1 - fraction))
+        return {"train": train, "val": val}
+    train, val, test = _split(arr, (fraction, 1 - fraction - test_fraction, test_fraction))
+    return {"train": train, "val": val, "test": test}
+
+
+def _sources(root: Path, files: list[Path]) -> list[dict]:
+    """A count and one hash over the files' relative paths and contents: meta.json stays small for
+    10,000 files (it used to list every absolute path)."""
+    h = hashlib.sha256()
+    for f in files:
+        rel = f.relative_to(root) if f != root and root in f.parents else Path(f.name)
+        h.update(str(rel).encode() + b"\0" + bytes.fromhex(file_digest(f)))
+    return [{"files": len(files), "from": root.name, "sha256_of_paths_and_contents": h.hexdigest()}]
+
+
 # ----------------------------------------------------------------------------- one function per kind
 def _shakespeare(path: Path, fraction: float) -> tuple[dict, dict]:
     f = path if path.is_file() else path / "input.txt"
@@ -177,14 +196,13 @@ def _enwik8(path: Path, fraction: float) -> tuple[dict, dict]:
             {"modality": "text", "shape": [], "sources": [{"file": path.name, "content_sha256": digest}]})
 
 
-def _text(path: Path, fraction: float) -> tuple[dict, dict]:
+def _text(path: Path, fraction: float, test_fraction: float = 0.0) -> tuple[dict, dict]:
     files = _files_of(path)
     data = b"".join(f.read_bytes() for f in files)
-    if len(data) < 2:
+    if len(data) < 3:
         raise ValueError(f"{path}: the input holds {len(data)} bytes; nothing to prepare")
-    train, val = _split(np.frombuffer(data, dtype=np.uint8), (fraction, 1 - fraction))
-    return {"train": train, "val": val}, {"modality": "text", "shape": [],
-                                          "sources": [{"file": str(f), "sha256": file_digest(f)} for f in files]}
+    splits = _generic_splits(np.frombuffer(data, dtype=np.uint8), fraction, test_fraction)
+    return splits, {"modality": "text", "shape": [], "sources": _sources(path, files)}
 
 
 def _images_meta(splits: dict[str, np.ndarray], sources: list[dict]) -> tuple[dict, dict]:
@@ -226,62 +244,85 @@ def _fashion_mnist(path: Path, fraction: float) -> tuple[dict, dict]:
     return _images_meta({"train": train[:-HELD_OUT], "val": train[-HELD_OUT:], "test": test}, sources)
 
 
-def _images(path: Path, fraction: float, size: tuple[int, int] | None = None, channels: int = 3) -> tuple[dict, dict]:
+def _images(path: Path, fraction: float, test_fraction: float = 0.0, size: tuple[int, int] | None = None,
+            channels: int = 3, resize: bool = False, progress: Progress | None = None) -> tuple[dict, dict]:
     files = formats.image_files(path)
+    classes = {f.parent for f in files} - {path}
+    if len(classes) > 1 and progress:
+        progress(f"note: the images are in {len(classes)} subfolders (classes?); their labels are not used: "
+                 "the model learns the images alone")
     if size is None:
-        from PIL import Image
-
-        with Image.open(files[0]) as im:
+        if resize:
+            raise ValueError("--resize needs --size HxW, the size every image is resized to")
+        with formats.pillow().open(files[0]) as im:
             size = (im.height, im.width)
-    images = formats.read_images(files, size, channels)
-    if len(images) < 2:
-        raise ValueError(f"{path}: at least two images are needed for a train and a validation split")
+    images = formats.read_images(files, size, channels, resize=resize)
+    if len(images) < 2 + (test_fraction > 0):
+        raise ValueError(f"{path}: {len(images)} images are too few for train, validation"
+                         + (" and test splits" if test_fraction else " splits"))
     order = np.random.default_rng(0).permutation(len(images))  # fixed shuffle, then fraction / rest
-    cut = min(max(int(len(images) * fraction), 1), len(images) - 1)
-    return _images_meta({"train": images[order[:cut]], "val": images[order[cut:]]},
-                        [{"file": str(f)} for f in files])
+    n = len(images)
+    n_test = max(int(n * test_fraction), 1) if test_fraction else 0
+    cut = min(max(int(n * fraction), 1), n - 1 - n_test)
+    splits = {"train": images[order[:cut]], "val": images[order[cut : n - n_test]]}
+    if n_test:
+        splits["test"] = images[order[n - n_test :]]
+    return _images_meta(splits, _sources(path, files))
 
 
-def _audio(path: Path, fraction: float) -> tuple[dict, dict]:
+def _audio(path: Path, fraction: float, test_fraction: float = 0.0) -> tuple[dict, dict]:
     files = _files_of(path, formats.AUDIO_SUFFIXES)
     stream = np.concatenate([formats.mu_law_encode(formats.read_audio(f)) for f in files])
-    train, val = _split(stream, (fraction, 1 - fraction))
     meta = {"modality": "audio", "shape": [], "sample_rate": formats.AUDIO_RATE, "encoding": "mu-law-8bit",
-            "sources": [{"file": str(f), "sha256": file_digest(f)} for f in files]}
-    return {"train": train, "val": val}, meta
+            "sources": _sources(path, files)}
+    return _generic_splits(stream, fraction, test_fraction), meta
 
 
 READERS = {"shakespeare": _shakespeare, "enwik8": _enwik8, "text": _text, "cifar10": _cifar10,
            "imagenet64": _imagenet64, "fashion-mnist": _fashion_mnist, "images": _images, "audio": _audio}
 
 
+GENERIC = ("text", "images", "audio")
+
+
 def prepare(
     name: str, source: str | Path | None = None, data_dir: str | Path = "data", fraction: float = 0.9, *,
     size: tuple[int, int] | None = None, channels: int = 3, mirror: str | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, out_name: str | None = None, resize: bool = False, test_fraction: float = 0.0,
 ) -> dict:
-    """Prepare dataset ``name`` into ``data_dir/name``; returns its meta.
+    """Prepare dataset ``name`` into ``data_dir/name`` (``data_dir/out_name`` for text, images and audio);
+    returns its meta.
 
-    ``source``: a local copy (file, folder or archive); without it the files are
-    downloaded (``mirror`` replaces the canonical base URL). ``fraction``: the
-    training share for the generic kinds (text, images, audio). ``size``
-    (height, width) and ``channels`` (1 or 3) apply to ``images``.
+    ``source``: a local copy (file, folder or archive); without it the files are downloaded
+    (``mirror`` replaces the canonical base URL). For the generic kinds (text, images, audio):
+    ``fraction`` is the training share, ``test_fraction`` an optional test share taken from the end,
+    the validation split is the rest. ``size`` (height, width), ``resize`` and ``channels`` (1 or 3)
+    apply to ``images``.
     """
     if name not in READERS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(NAMES)}")
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if not 0 <= test_fraction < 1 - fraction:
+        raise ValueError(f"test fraction must be in [0, 1 - fraction) = [0, {1 - fraction:g}), got {test_fraction}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if name not in GENERIC and (out_name or test_fraction or resize):
+        raise ValueError(f"--name, --test-fraction and --resize are for {', '.join(GENERIC)}; {name} has fixed splits")
+    if out_name is not None and (not out_name or out_name in (".", "..") or "/" in out_name or "\\" in out_name
+                                 or out_name.startswith(".")):
+        raise ValueError(f"--name must be a plain folder name, got {out_name!r}")
     data_dir = Path(data_dir)
-    out = data_dir / name
+    out = data_dir / (out_name or name)
     if out.exists():
-        raise ValueError(f"{out} already exists; remove it to prepare {name} again")
+        raise ValueError(f"{out} already exists; remove it to prepare it again, or choose another --name")
     path = _source(name, Path(source) if source else None, data_dir, mirror, progress)
     if progress:
         progress(f"reading {path}")
     if name == "images":
-        splits, meta = _images(path, fraction, size, channels)
+        splits, meta = _images(path, fraction, test_fraction, size, channels, resize, progress)
+    elif name in GENERIC:
+        splits, meta = READERS[name](path, fraction, test_fraction)
     else:
         splits, meta = READERS[name](path, fraction)
-    return _write(out, name, splits, meta)
+    return _write(out, out_name or name, splits, meta)

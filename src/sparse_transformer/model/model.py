@@ -124,7 +124,7 @@ class Attention(nn.Module):
         """Decode position t: x (B, C) -> (B, C), reading only the keys the pattern allows.
 
         Writes position t into ``cache`` (from ``new_cache``). q.k is computed
-        in float32 (section 5.5: it overflows float16).
+        in float32 (section 5.6: it overflows float16).
         """
         B, C = x.shape
         H = self.n_head

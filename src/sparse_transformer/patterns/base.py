@@ -43,17 +43,13 @@ class Pattern:
         return (self,)
 
     def row_keys(self, i: int, head: int = 0) -> torch.Tensor:
-        """The keys query i attends, ascending, as int64 [k] (for decoding, section 5.5).
+        """The keys query i attends, ascending, as int64 [k] (for decoding with a KV cache, which the paper does not describe).
 
         The default reads the mask row, O(i); patterns override it with a
         closed form whose size is the row's count.
         """
         j = torch.arange(i + 1)
         return j[self.allowed(torch.tensor(i), j, head)]
-
-    def for_head(self, head: int) -> "Pattern":
-        """The pattern head ``head`` uses (differs from self only for per-head variants)."""
-        return self
 
     # ------------------------------------------------------------------ derived
     def mask(self, n: int, head: int = 0) -> torch.Tensor:

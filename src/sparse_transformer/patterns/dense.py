@@ -1,4 +1,4 @@
-"""Full causal attention, S_i = {j : j <= i} (paper section 4.1)."""
+"""Full causal attention, S_i = {j : j <= i} (paper section 4.2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

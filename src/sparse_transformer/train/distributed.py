@@ -140,12 +140,6 @@ def barrier(d: Dist) -> None:
         _collective(dist.barrier)
 
 
-def check(d: Dist, device: torch.device) -> None:
-    """A cheap collective: raises DistributedFailure when a peer is gone."""
-    if d.enabled:
-        mean(0.0, d, device)
-
-
 def grad_norm_value(norm) -> float:
     full = getattr(norm, "full_tensor", None)  # FSDP2 returns a DTensor
     return float((full() if full else norm).item())

@@ -316,12 +316,13 @@ class Trainer:
             "val_bytes": res["bytes"], "parameters": param_count(self.cfg.model), "out_dir": str(self.out),
             "last_train_loss": self.losses[-1] if self.losses else None,
         }
-        self.echo(f"validation: {res['bits_per_dim']:.4f} bits per byte over {res['bytes']:,} bytes "
+        unit = "bits per byte" if self.data.modality == "text" else "bits per dim"  # images: subpixels; audio: samples
+        self.echo(f"validation: {res['bits_per_dim']:.4f} {unit} over {res['bytes']:,} bytes "
                   f"after {final_step} steps ({train_time:.0f} s); checkpoint {self.ckpt_path}")
         if self.data.modality in ("text", "audio") and self.ws.main:  # what the figure is worth
             floor = cached_compressor_bits(self.val_data[: res["bytes"]], self.data.root)
             summary["compressors"] = floor
-            self.echo(f"the same validation bytes: bzip2 -9 {floor['bz2']:.3f}, xz -9 {floor['xz']:.3f} bits per byte "
+            self.echo(f"the same validation bytes: bzip2 -9 {floor['bz2']:.3f}, xz -9 {floor['xz']:.3f} {unit} "
                       f"(the model: {res['bits_per_dim']:.3f}, "
                       f"{'better' if res['bits_per_dim'] < min(floor['bz2'], floor['xz']) else 'not better'} than both)")
         if self.data.modality == "text" and self.cfg.train.sample_bytes and self.ws.main and not self.fsdp:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli_common import UsageError, at_least
+from .common import UsageError, at_least
 
 
-def add_pictures(sub) -> None:
+def add(sub) -> None:
     sp = sub.add_parser(
         "show-pattern", help="draw an attention pattern (the paper's Figure 3)",
         description="Draws the n x n connectivity matrix (blue: query row i may attend key column j) and, beside "
@@ -25,6 +25,7 @@ def add_pictures(sub) -> None:
     sp.add_argument("--width", type=at_least(1), default=None, help="row width of the right-hand panel (default the stride)")
     sp.add_argument("--scale", type=at_least(1), default=None, help="pixels per cell (default: about 512 pixels across)")
     sp.add_argument("-o", "--out", default="pattern.png")
+    sp.set_defaults(run=cmd_show_pattern)
 
     sa = sub.add_parser(
         "show-attention", help="draw a trained model's attention for one position (the paper's Figure 2)",
@@ -38,17 +39,19 @@ def add_pictures(sub) -> None:
     sa.add_argument("--split", default="val")
     sa.add_argument("--scale", type=at_least(1), default=4)
     sa.add_argument("-o", "--out", default="attention.png")
+    sa.set_defaults(run=cmd_show_attention)
 
     pl = sub.add_parser("plot", help="training and validation curves of one or more runs",
                         description="Reads RUN_DIR/metrics.jsonl of each run and plots bits per dim against step.")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pl.add_argument("--labels", default=None, help="comma list, one per run (default: the folder names)")
     pl.add_argument("-o", "--out", default="curves.png")
+    pl.set_defaults(run=cmd_plot)
 
 
 def cmd_show_pattern(args, extra) -> int:
-    from . import patterns as P
-    from .pictures import write_pattern
+    from .. import patterns as P
+    from ..pictures import write_pattern
 
     if extra:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
@@ -69,10 +72,10 @@ def cmd_show_attention(args, extra) -> int:
     import numpy as np
     import torch
 
-    from .data import load_dataset
-    from .pictures import _png, attention_image, attention_weights
-    from .sysutil import atomic_write_bytes
-    from .train.checkpoint import load_run
+    from ..data import load_dataset
+    from ..pictures import _png, attention_image, attention_weights
+    from ..sysutil import atomic_write_bytes
+    from ..train.checkpoint import load_run
 
     if extra:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
@@ -96,7 +99,7 @@ def cmd_show_attention(args, extra) -> int:
 
 
 def cmd_plot(args, extra) -> int:
-    from .pictures import plot_runs
+    from ..pictures import plot_runs
 
     if extra:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")

@@ -4,12 +4,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_common import Parser as _Parser, UsageError, positive_ints as _positive_ints, at_least, finite_at_least
+from .common import Parser as _Parser, UsageError, at_least, finite_at_least, no_extra
+from .common import positive_ints as _positive_ints
 
 
-def add_bench(sub) -> None:
+def add(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    _add_attention(bsub)
+    _add_sample(bsub)
+    _add_compare(bsub)
+    _add_context(bsub)
+    _add_length(bsub)
+    _add_train(bsub)
+
+
+def _add_attention(bsub) -> None:
     att = bsub.add_parser(
         "attention",
         help="sparse vs dense causal attention: time, memory, FLOP rate",
@@ -29,7 +39,10 @@ def add_bench(sub) -> None:
     att.add_argument("--max-dense-n", type=at_least(1), default=None, help="skip the dense baseline above this N")
     att.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults")
     att.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH", help="write the results as JSON to PATH (stdout without PATH)")
+    att.set_defaults(run=run_attention)
 
+
+def _add_sample(bsub) -> None:
     sa = bsub.add_parser(
         "sample",
         help="decoding with the sparse KV cache: time per token, generation vs recompute, cache size",
@@ -46,7 +59,10 @@ def add_bench(sub) -> None:
     sa.add_argument("--patterns", default="dense,strided,fixed")
     sa.add_argument("--no-malloc-tuning", action="store_true")
     sa.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
+    sa.set_defaults(run=run_sample)
 
+
+def _add_compare(bsub) -> None:
     cp = bsub.add_parser(
         "compare",
         help="Table 2 analogue: dense vs strided vs fixed, bits per dim and time per iteration",
@@ -69,7 +85,10 @@ def add_bench(sub) -> None:
     cp.add_argument("--data-dir", default="data", help="where prepared datasets live (fashion-mnist must be prepared)")
     cp.add_argument("--out-dir", default=None, help="keep the runs here (default: a temporary folder)")
     cp.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
+    cp.set_defaults(run=run_compare)
 
+
+def _add_context(bsub) -> None:
     cx = bsub.add_parser(
         "context",
         help="Table 3 analogue: bits per dim of one model with increasing minimum context",
@@ -82,7 +101,10 @@ def add_bench(sub) -> None:
     cx.add_argument("--max-bytes", type=at_least(0), default=65536, help="bytes to score (default 65536)")
     cx.add_argument("--split", default="val")
     cx.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
+    cx.set_defaults(run=run_context)
 
+
+def _add_length(bsub) -> None:
     ln = bsub.add_parser(
         "length",
         help="Table 4 analogue: the longest context whose training step fits a memory budget",
@@ -100,7 +122,10 @@ def add_bench(sub) -> None:
     ln.add_argument("--heads", type=at_least(1), default=2)
     ln.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ln.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
+    ln.set_defaults(run=run_length)
 
+
+def _add_train(bsub) -> None:
     tr = bsub.add_parser(
         "train",
         help="time and peak memory of one training step, dense vs strided vs fixed",
@@ -121,6 +146,7 @@ def add_bench(sub) -> None:
     tr.add_argument("--repeat", type=at_least(1), default=3)
     tr.add_argument("--no-malloc-tuning", action="store_true")
     tr.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
+    tr.set_defaults(run=run_train)
 
 
 def _bench_device(name: str | None) -> str:
@@ -134,7 +160,7 @@ def _bench_device(name: str | None) -> str:
 
 def _emit(result: dict, report, json_path: str | None) -> int:
     """Print the table (unless JSON goes to stdout) and write the JSON."""
-    from .bench.common import write_json
+    from ..bench.common import write_json
 
     if json_path != "-":
         print(report(result))
@@ -143,75 +169,87 @@ def _emit(result: dict, report, json_path: str | None) -> int:
     return 0
 
 
-def cmd_bench(args, extra) -> int:
-    if extra:
-        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
-    if args.bench == "attention":
-        from .bench import attention as ba
+def run_attention(args, extra) -> int:
+    no_extra(extra)
+    from ..bench import attention as ba
 
-        device = _bench_device(args.device)
-        for name in ("batch", "heads", "dim"):
-            if getattr(args, name) < 1:
-                raise UsageError(f"--{name} must be >= 1")
-        result = ba.run(
-            args.n, B=args.batch, H=args.heads, D=args.dim, dtype=args.dtype, device=device,
-            cases=args.cases or ba.DEFAULT_CASES, max_dense_n=args.max_dense_n,
-            malloc_tuning=not args.no_malloc_tuning,
-            progress=lambda m: print(m, file=sys.stderr),
-        )
-        return _emit(result, ba.report, args.json)
-    if args.bench == "sample":
-        from .bench import sample as bs
+    device = _bench_device(args.device)
+    for name in ("batch", "heads", "dim"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    result = ba.run(
+        args.n, B=args.batch, H=args.heads, D=args.dim, dtype=args.dtype, device=device,
+        cases=args.cases or ba.DEFAULT_CASES, max_dense_n=args.max_dense_n,
+        malloc_tuning=not args.no_malloc_tuning,
+        progress=lambda m: print(m, file=sys.stderr),
+    )
+    return _emit(result, ba.report, args.json)
 
-        if len(args.positions) != 2:
-            raise UsageError("--positions takes exactly two positions, e.g. 1024,16384")
-        pats = _patterns(args.patterns)
-        result = bs.run(positions=tuple(args.positions), gen_length=args.length, n_layer=args.layers,
-                        d_model=args.d_model, n_head=args.heads, stride=args.stride, c=args.c, patterns=pats,
-                        malloc_tuning=not args.no_malloc_tuning, progress=lambda m: print(m, file=sys.stderr))
-        return _emit(result, bs.report, args.json)
-    if args.bench == "train":
-        from .bench import train as bt
 
-        device = _bench_device(args.device)
-        pats = _patterns(args.patterns)
-        result = bt.run(
-            n_ctx=args.n_ctx, layers=args.layers, d_model=args.d_model, n_head=args.heads, batch=args.batch,
-            patterns=pats, stride=args.stride, c=args.c, recompute=args.recompute, precision=args.precision,
-            device=device, repeat=args.repeat, malloc_tuning=not args.no_malloc_tuning,
-            progress=lambda m: print(m, file=sys.stderr),
-        )
-        return _emit(result, bt.report, args.json)
-    if args.bench == "compare":
-        from .bench import compare as bc
+def run_sample(args, extra) -> int:
+    no_extra(extra)
+    from ..bench import sample as bs
 
-        mods = [m.strip() for m in args.modalities.split(",")]
-        pats = _patterns(args.patterns)
-        bad = [m for m in mods if m not in bc.MODALITIES]
-        if bad:
-            raise UsageError(f"--modalities: unknown {', '.join(bad)}; allowed: {', '.join(bc.MODALITIES)}")
-        if args.steps is not None and args.steps < 1:
-            raise UsageError("--steps must be >= 1")
-        result = bc.run_compare(modalities=mods, patterns=pats, quick=args.quick, steps=args.steps, precision=args.precision,
-                                rotary=args.rotary, data_dir=args.data_dir, out_dir=args.out_dir,
-                                progress=lambda m: print(m, file=sys.stderr))
-        return _emit(result, bc.report_compare, args.json)
-    if args.bench == "context":
-        from .bench import compare as bc
+    if len(args.positions) != 2:
+        raise UsageError("--positions takes exactly two positions, e.g. 1024,16384")
+    pats = _patterns(args.patterns)
+    result = bs.run(positions=tuple(args.positions), gen_length=args.length, n_layer=args.layers,
+                    d_model=args.d_model, n_head=args.heads, stride=args.stride, c=args.c, patterns=pats,
+                    malloc_tuning=not args.no_malloc_tuning, progress=lambda m: print(m, file=sys.stderr))
+    return _emit(result, bs.report, args.json)
 
-        result = bc.run_context(args.checkpoint, contexts=args.contexts and sorted({0, *args.contexts}),
-                                max_bytes=args.max_bytes, split=args.split, progress=lambda m: print(m, file=sys.stderr))
-        return _emit(result, bc.report_context, args.json)
-    if args.bench == "length":
-        from .bench import length as bl
 
-        if args.budget_mb <= 0 or args.start < 2 or args.max_n < args.start:
-            raise UsageError("--budget-mb must be > 0, --start >= 2 and --max-n >= --start")
-        result = bl.run(budget_mb=args.budget_mb, patterns=_patterns(args.patterns), start=args.start,
-                        max_n=args.max_n, steps=args.bisect, d_model=args.d_model, n_layer=args.layers,
-                        n_head=args.heads, device=_bench_device(args.device), progress=lambda m: print(m, file=sys.stderr))
-        return _emit(result, bl.report, args.json)
-    raise UsageError(f"unknown benchmark {args.bench!r}")
+def run_train(args, extra) -> int:
+    no_extra(extra)
+    from ..bench import train as bt
+
+    device = _bench_device(args.device)
+    pats = _patterns(args.patterns)
+    result = bt.run(
+        n_ctx=args.n_ctx, layers=args.layers, d_model=args.d_model, n_head=args.heads, batch=args.batch,
+        patterns=pats, stride=args.stride, c=args.c, recompute=args.recompute, precision=args.precision,
+        device=device, repeat=args.repeat, malloc_tuning=not args.no_malloc_tuning,
+        progress=lambda m: print(m, file=sys.stderr),
+    )
+    return _emit(result, bt.report, args.json)
+
+
+def run_compare(args, extra) -> int:
+    no_extra(extra)
+    from ..bench import compare as bc
+
+    mods = [m.strip() for m in args.modalities.split(",")]
+    pats = _patterns(args.patterns)
+    bad = [m for m in mods if m not in bc.MODALITIES]
+    if bad:
+        raise UsageError(f"--modalities: unknown {', '.join(bad)}; allowed: {', '.join(bc.MODALITIES)}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    result = bc.run_compare(modalities=mods, patterns=pats, quick=args.quick, steps=args.steps, precision=args.precision,
+                            rotary=args.rotary, data_dir=args.data_dir, out_dir=args.out_dir,
+                            progress=lambda m: print(m, file=sys.stderr))
+    return _emit(result, bc.report_compare, args.json)
+
+
+def run_context(args, extra) -> int:
+    no_extra(extra)
+    from ..bench import compare as bc
+
+    result = bc.run_context(args.checkpoint, contexts=args.contexts and sorted({0, *args.contexts}),
+                            max_bytes=args.max_bytes, split=args.split, progress=lambda m: print(m, file=sys.stderr))
+    return _emit(result, bc.report_context, args.json)
+
+
+def run_length(args, extra) -> int:
+    no_extra(extra)
+    from ..bench import length as bl
+
+    if args.budget_mb <= 0 or args.start < 2 or args.max_n < args.start:
+        raise UsageError("--budget-mb must be > 0, --start >= 2 and --max-n >= --start")
+    result = bl.run(budget_mb=args.budget_mb, patterns=_patterns(args.patterns), start=args.start,
+                    max_n=args.max_n, steps=args.bisect, d_model=args.d_model, n_layer=args.layers,
+                    n_head=args.heads, device=_bench_device(args.device), progress=lambda m: print(m, file=sys.stderr))
+    return _emit(result, bl.report, args.json)
 
 
 def _patterns(text: str) -> list[str]:

@@ -65,3 +65,9 @@ def size_arg(text: str) -> tuple[int, int]:
     if len(parts) not in (1, 2) or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH or one number, got {text!r}")
     return (parts[0], parts[-1])
+
+
+def no_extra(extra: list[str]) -> None:
+    """Commands without --section.key settings refuse anything argparse left over."""
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")

@@ -1,0 +1,53 @@
+"""The ``sparse-transformer`` command line: one module per command, each owning its parser.
+
+Every command reports bad input as one line on stderr and exit code 2. A command
+module has ``add(subparsers)``, which registers its parser and sets ``run``; adding
+a command is one module and one entry in COMMANDS.
+"""
+from __future__ import annotations
+
+import sys
+
+from ..sysutil import tune_malloc
+from ..train.distributed import DistributedFailure
+from ..train.guard import Diverged, Stopped
+from . import bench, data, evaluate, pictures, sample, train
+from .common import Parser, UsageError
+
+COMMANDS = (train, evaluate, sample, data, bench, pictures)
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="sparse-transformer",
+        description="Sparse Transformers (Child et al., 2019): exact strided and fixed attention in PyTorch.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command in COMMANDS:
+        command.add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "no_malloc_tuning", False):
+        tune_malloc()
+    try:
+        return args.run(args, extra)
+    except (UsageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"sparse-transformer: error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"sparse-transformer: error: {e}", file=sys.stderr)
+        return 3
+    except Stopped as e:
+        print(f"sparse-transformer: {e}", file=sys.stderr)
+        return e.code
+    except DistributedFailure as e:
+        print(f"sparse-transformer: error: {e}; the last checkpoint on disk is intact", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sparse-transformer: interrupted", file=sys.stderr)
+        return 130
