@@ -77,6 +77,7 @@ def test_native_kernel_low_precision(dtype):
     compare(P.Strided(16), 1, 2, 203, 32, dtype, "native", 2e-2)
 
 
+@pytest.mark.slow
 def test_native_kernel_long_and_per_head():
     compare(P.Strided(64), 1, 3, 4100, 64, torch.float32, "native", 1e-5)
     compare([P.Local(8), P.StridedColumns(8), P.Strided(8)], 2, 3, 90, 16, torch.float32, "native", 1e-5)
@@ -102,6 +103,7 @@ def test_per_head_patterns():
     compare(mixed, 1, 4, 90, 16, torch.float32, "auto", 1e-5)
 
 
+@pytest.mark.slow
 def test_long_sequence_against_reference():
     compare(P.Strided(64), 1, 2, 4000, 16, torch.float32, "auto", 1e-5)
     compare(P.Fixed(64, 8, distinct_heads=True), 1, 2, 4000, 16, torch.float32, "auto", 1e-5)

@@ -1,3 +1,4 @@
+import pytest
 """The comparison benchmarks in CI-sized runs (their figures live in BENCHMARKS.md)."""
 import json
 import math
@@ -13,6 +14,7 @@ from sparse_transformer.model import ModelConfig, SparseTransformer
 from sparse_transformer.train.evaluate import evaluate
 
 
+@pytest.mark.slow
 def test_compare_quick(data_dir, tmp_path):
     prepare("fashion-mnist", data_dir / "fashion-mnist", tmp_path)
     out = tmp_path / "c.json"
@@ -46,6 +48,7 @@ def test_min_context_zero_is_plain_evaluation_and_context_helps_a_copy_task():
     assert a != b and 0 < a < 10 and 0 < b < 10
 
 
+@pytest.mark.slow
 def test_context_and_length_cli(tmp_path):
     from sparse_transformer.train.config import build_config
     from sparse_transformer.train.loop import train

@@ -63,6 +63,7 @@ def test_bfloat16_speed_is_measured_once_and_cached_by_capability(monkeypatch, t
     assert len(calls) == 4 and len(list(tmp_path.glob("bf16-speed-*.json"))) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(" avx512_bf16" not in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""),
                     reason="needs a CPU with AVX512-BF16")
 def test_avx2_capability_on_a_bf16_machine_resolves_to_float32(tmp_path):

@@ -83,6 +83,7 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     assert not (get_batch(data, 64, seed=3, step=8, global_batch=8) == a).all()
 
 
+@pytest.mark.slow
 def test_cli_data_prepare_errors(tmp_path):
     assert_one_line_error(run_cli("data", "prepare", "cifar100", "--dir", tmp_path), "unknown dataset 'cifar100'")
     r = run_cli("data", "prepare", "shakespeare", "--dir", tmp_path)
@@ -170,6 +171,7 @@ def test_images_name_resize_test_split_labels_note_and_small_meta(tmp_path):
         prepare("images", src, tmp_path / "data", size=(6, 5), out_name="strict")
 
 
+@pytest.mark.slow
 def test_cli_name_resize_test_fraction_and_print_config(tmp_path):
     src = _class_folders(tmp_path / "src")
     r = run_cli("data", "prepare", "images", "--from", src, "--dir", tmp_path / "data", "--resize", "4x4",
@@ -187,6 +189,7 @@ def test_cli_name_resize_test_fraction_and_print_config(tmp_path):
     assert_one_line_error(r, "are for text, images, audio")
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_one_line_and_nothing_damaged(tmp_path):
     data = tmp_path / "data"
     (tmp_path / "t.txt").write_bytes(b"some text " * 50)

@@ -48,6 +48,7 @@ def single(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(single, tmp_path):
     r = torchrun(2, tmp_path / "ddp")
     a, b = losses(single), losses(tmp_path / "ddp")
@@ -58,6 +59,7 @@ def test_two_processes_match_one(single, tmp_path):
     assert ckpt["world_size"] == 2 and ckpt["step"] == 20
 
 
+@pytest.mark.slow
 def test_grad_accumulation_and_float16_reduce(single, tmp_path):
     torchrun(2, tmp_path / "acc", ("train.grad_accum", "2"))
     a, b = losses(single), losses(tmp_path / "acc")
@@ -68,6 +70,7 @@ def test_grad_accumulation_and_float16_reduce(single, tmp_path):
     assert 0 < max(abs(c[s] - a[s]) for s in a) < 0.05  # float16 gradients: close, not equal
 
 
+@pytest.mark.slow
 def test_resume_two_processes_with_one(single, tmp_path):
     out = tmp_path / "resumed"
     torchrun(2, out, ("train.stop_at", "10"))
@@ -78,6 +81,7 @@ def test_resume_two_processes_with_one(single, tmp_path):
     assert max(abs(a[s] - b[s]) for s in range(11, 21)) < 1e-5, (a, b)
 
 
+@pytest.mark.slow
 def test_fsdp_matches_and_resumes_with_one_process(single, tmp_path):
     out = tmp_path / "fsdp"
     torchrun(2, out, ("train.parallel", "fsdp"), ("train.stop_at", "10"))
@@ -88,21 +92,23 @@ def test_fsdp_matches_and_resumes_with_one_process(single, tmp_path):
     assert max(abs(a[s] - b[s]) for s in range(1, 21)) < 1e-5, (a, b)
 
 
-def _worker_pids(rank: int) -> list[int]:
+def _worker_pids(parent: int, rank: int) -> list[int]:
+    """The workers torchrun ``parent`` started with RANK=rank: only this test's run, never another's."""
     pids = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
         try:
-            cmd = (p / "cmdline").read_bytes()
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
             env = (p / "environ").read_bytes().split(b"\0")
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
-        if b"sparse_transformer" in cmd and b"torch.distributed.run" not in cmd and f"RANK={rank}".encode() in env:
+        if ppid == parent and f"RANK={rank}".encode() in env:
             pids.append(int(p.name))
     return pids
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
 def test_a_dead_rank_stops_the_run_and_the_checkpoint_loads(tmp_path):
     out = tmp_path / "killed"
@@ -112,7 +118,7 @@ def test_a_dead_rank_stops_the_run_and_the_checkpoint_loads(tmp_path):
         while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert (out / "ckpt.pt").exists(), "no checkpoint was written"
-        pids = _worker_pids(1)
+        pids = _worker_pids(proc.pid, 1)
         assert pids, "rank 1 not found"
         t0 = time.time()
         for pid in pids:
@@ -126,3 +132,28 @@ def test_a_dead_rank_stops_the_run_and_the_checkpoint_loads(tmp_path):
             proc.kill()
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] >= 2 and "model" in ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_exit_0(tmp_path):
+    """SLURM-style preemption under torchrun: the ranks agree on the step (the stop request rides on the
+    loss all-reduce), rank 0 writes the checkpoint, every process exits 0, and --resume continues."""
+    out = tmp_path / "term"
+    proc = torchrun(2, out, ("train.steps", "100000"), ("train.ckpt_every", "2"), wait=False)
+    try:
+        deadline = time.time() + 120
+        while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (out / "ckpt.pt").exists(), "no checkpoint was written"
+        pids = _worker_pids(proc.pid, 1)
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert f"SIGTERM: stopped at step {step} with a checkpoint" in err, err[-2000:]
+    assert max(losses(out)) == step  # the log ends where the checkpoint is

@@ -166,6 +166,7 @@ def test_prepare_each_format_from_a_mirror(server, tmp_path, monkeypatch):
     assert meta["shape"] == [64, 64, 3] and meta["examples"] == {"train": 5, "val": 2}
 
 
+@pytest.mark.slow
 def test_cli_checksum_mismatch_from_mirror_leaves_nothing(server, tmp_path):
     url, h = server
     h.files["input.txt"] = b"not shakespeare " * 1000
@@ -176,6 +177,7 @@ def test_cli_checksum_mismatch_from_mirror_leaves_nothing(server, tmp_path):
     assert not list((tmp_path / "downloads").rglob("input.txt*"))
 
 
+@pytest.mark.slow
 def test_offline_message_names_the_file_and_from(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sparse_transformer", "data", "prepare", "shakespeare", "--dir",
                         str(tmp_path), "--mirror", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=120,

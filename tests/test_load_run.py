@@ -33,6 +33,7 @@ def test_load_run_takes_a_folder_its_checkpoint_or_its_safetensors(run_dir):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_sample_and_eval_accept_the_exported_weights(run_dir, tmp_path):
     r = run_cli("sample", run_dir / "model.safetensors", "--length", "8", "--no-progress", "-o", tmp_path / "s.txt")
     assert r.returncode == 0, r.stderr
@@ -63,6 +64,7 @@ def _bad_files(run_dir, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_what_is_not_a_run_is_one_line(run_dir, tmp_path):
     bad = _bad_files(run_dir, tmp_path)
     for name, msg in bad.items():
@@ -83,6 +85,7 @@ def test_param_count_is_exact(model):
     assert memory.param_count(model) == sum(p.numel() for p in SparseTransformer(model).parameters())
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, monkeypatch):
     r = run_cli("train", "--model.n_layer", "1000000", "--train.out_dir", tmp_path / "big", timeout=60)
     assert_one_line_error(r, "needs about", "GiB available", "--force")
@@ -95,6 +98,7 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, m
     assert (tmp_path / "small" / "ckpt.pt").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage,msg", [
     (lambda d: (d / "val.bin").write_bytes((d / "val.bin").read_bytes()[:1000]), "holds 1,000 bytes but"),
     (lambda d: (d / "meta.json").write_text("null"), "must hold a JSON object, got NoneType"),

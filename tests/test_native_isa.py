@@ -38,6 +38,7 @@ X86 = platform.machine() in ("x86_64", "AMD64")
 CC = shutil.which("cc") or shutil.which("gcc")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (X86 and CC and " avx2" in cpu_flags() and " fma" in cpu_flags()),
                     reason="needs an x86-64 CPU with AVX2 and FMA and a C compiler")
 def test_avx2_kernel_matches_naive_loops(tmp_path):
@@ -45,6 +46,7 @@ def test_avx2_kernel_matches_naive_loops(tmp_path):
     assert "VL=8" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (X86 and CC and " avx512f" in cpu_flags()),
                     reason="needs an x86-64 CPU with AVX-512 and a C compiler")
 def test_avx512_kernel_matches_naive_loops(tmp_path):
@@ -52,6 +54,7 @@ def test_avx512_kernel_matches_naive_loops(tmp_path):
     assert "VL=16" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")),
                     reason="needs the arm64 cross compiler and user-mode emulation "
                            "(Debian: apt-get install gcc-aarch64-linux-gnu qemu-user)")
@@ -80,6 +83,7 @@ def fresh_python(code: str, env: dict, tmp_path: Path) -> str:
     return res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (X86 and CC and " avx512f" in cpu_flags()), reason="needs an AVX-512 machine")
 def test_aten_cpu_capability_avx2_builds_the_avx2_kernel(tmp_path):
     out = fresh_python("from sparse_transformer.attention import native; print(native.describe(16))",
@@ -88,6 +92,7 @@ def test_aten_cpu_capability_avx2_builds_the_avx2_kernel(tmp_path):
     assert list((tmp_path / "cache").glob("native-avx2-hd16-*.so"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CC is None, reason="needs a C compiler")
 def test_compile_fullgraph_works_from_the_first_call(tmp_path):
     # A fresh process and an empty kernel cache: the kernel is built while torch.compile traces.

@@ -31,6 +31,7 @@ def test_pattern_picture_pixels_equal_the_mask(pattern, tmp_path):
     assert ((grid[: n - 1] == ALLOWED).all(-1) == expect[: n - 1]).all()
 
 
+@pytest.mark.slow
 def test_show_pattern_cli_heads_and_factors(tmp_path):
     out = tmp_path / "f.png"
     r = run_cli("show-pattern", "fixed", "--stride", "8", "-c", "2", "-n", "32", "--heads", "4", "--distinct-heads",
@@ -47,6 +48,7 @@ def test_show_pattern_cli_heads_and_factors(tmp_path):
     assert r.returncode == 2 and "stride" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_show_attention_and_plot(tmp_path):
     tiny_images(tmp_path / "data")
     runs = []

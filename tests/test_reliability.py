@@ -33,6 +33,7 @@ def test_bad_numeric_settings_are_refused(key, value, message):
         build_config(None, None, [(key, value)]).validate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["0", "-1", "x"])
 def test_eval_batch_size_must_be_positive(tmp_path, value):
     train(tiny(tmp_path, steps=1), show_progress=False, echo=lambda *_: None)
@@ -43,6 +44,7 @@ def test_eval_batch_size_must_be_positive(tmp_path, value):
     assert not (tmp_path / "eval-val.json").exists()
 
 
+@pytest.mark.slow
 def test_sample_temperature_must_be_finite(tmp_path):
     r = run_cli("sample", str(tmp_path), "--temperature", "nan")
     assert r.returncode == 2 and "expected a finite number >= 0" in r.stderr and "Traceback" not in r.stderr
@@ -127,3 +129,34 @@ def test_fresh_run_refuses_a_folder_with_another_runs_log(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ValueError, match="holds another run's log"):
         train(tiny(tmp_path, steps=1), show_progress=False, echo=lambda *_: None)
+
+
+def _no_space(path, *a, **k):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_exit_2_and_leaves_the_old_files(monkeypatch, capsys, tmp_path):
+    import sparse_transformer.data.prepare as prep
+    import sparse_transformer.train.trainer as trainer
+    from helpers import TINY
+    from sparse_transformer import cli
+
+    out = tmp_path / "run"
+    args = ["train", *[f"--{k}={v}" for k, v in TINY], "--train.steps=2", f"--train.out_dir={out}", "--no-progress"]
+    assert cli.main(args) == 0
+    before = (out / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(trainer, "atomic_torch_save", lambda obj, path: _no_space(path))
+    capsys.readouterr()
+    assert cli.main(args[:-2] + ["--train.steps=4", f"--train.out_dir={out}", "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on the device writing" in err[0] and "ckpt.pt" in err[0], err
+    assert (out / "ckpt.pt").read_bytes() == before
+    (tmp_path / "corpus.txt").write_bytes(b"some text to prepare " * 50)
+    monkeypatch.setattr(prep, "atomic_open", _no_space)
+    assert cli.main(["data", "prepare", "text", "--from", str(tmp_path / "corpus.txt"), "--dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("reading ") and len(err) == 2 and "no space left on the device" in err[1], err
+    assert not (tmp_path / "d" / "text").exists() and not list((tmp_path / "d").glob(".text.*"))

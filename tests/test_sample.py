@@ -1,3 +1,4 @@
+import pytest
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ SMALL = [("model.d_model", "32"), ("model.n_layer", "2"), ("model.n_head", "2"),
          ("train.batch_size", "2"), ("train.sample_bytes", "0"), ("train.eval_max_bytes", "512")]
 
 
+@pytest.mark.slow
 def test_sample_text(tmp_path):
     cfg = build_config(None, None, SMALL + [("model.n_ctx", "64"), ("model.stride", "8"), ("train.out_dir", str(tmp_path))])
     train(cfg, show_progress=False, echo=lambda *_: None)
@@ -23,6 +25,7 @@ def test_sample_text(tmp_path):
     assert r.returncode == 2 and "--complete is for image models" in r.stderr
 
 
+@pytest.mark.slow
 def test_sample_images_and_completion(tmp_path):
     data = tiny_images(tmp_path / "data", "tiny-images", counts=(("train", 40), ("val", 4), ("test", 4)))
     run = tmp_path / "run"
@@ -52,6 +55,7 @@ def test_sample_images_and_completion(tmp_path):
     assert r.returncode == 2 and "expected 4x4" in r.stderr
 
 
+@pytest.mark.slow
 def test_sample_audio_wav(tmp_path, data_dir):
     import wave
 
@@ -72,6 +76,7 @@ def test_sample_audio_wav(tmp_path, data_dir):
     assert r.returncode == 2 and "--prompt is for text models; this is an audio model" in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_sample_smoke(tmp_path):
     out = tmp_path / "b.json"
     r = run_cli("bench", "sample", "--positions", "64,512", "--length", "128", "--layers", "1", "--d-model", "32",

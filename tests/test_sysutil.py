@@ -10,6 +10,7 @@ print(tune_malloc())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_tune_malloc_applies_on_linux_and_can_be_turned_off(monkeypatch):
     # A fresh process each time: the settings are process-wide.

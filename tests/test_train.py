@@ -14,7 +14,8 @@ def test_train_writes_everything(tmp_path):
         assert (tmp_path / name).is_file(), name
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and set(ckpt) >= {"model", "optimizer", "rng", "config", "scaler", "ema"}
-    assert 0 < summary["val_bits_per_dim"] < 9
+    # the head starts at zero: an untrained model scores exactly 8 bits per byte (uniform); 6 steps learn the byte frequencies
+    assert 0 < summary["val_bits_per_dim"] < 7.5
     assert len(summary["sample"]) > 0
     from safetensors.torch import load_file
 
@@ -91,7 +92,7 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
 def test_bfloat16_and_ema_and_recompute(tmp_path):
     cfg = tiny(tmp_path, ("train.precision", "bfloat16"), ("train.ema", "0.9"), ("model.recompute", "true"), steps=3)
     summary = train(cfg, show_progress=False, echo=lambda *_: None)
-    assert summary["val_bits_per_dim"] < 9
+    assert summary["val_bits_per_dim"] < 7.9  # below the 8 bits of the untrained (uniform) model
 
 
 def test_ema_is_the_polyak_average():
@@ -125,6 +126,7 @@ def test_compiled_training_matches_eager(tmp_path):
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_train_and_eval(tmp_path):
     args = [f"--{k}={v}" for k, v in TINY] + ["--train.steps=2", f"--train.out_dir={tmp_path}", "--no-progress"]
     r = run_cli("train", *args)
@@ -154,6 +156,7 @@ def test_cli_train_and_eval(tmp_path):
         (["train", "--train.schedule", "epochs"], "train.schedule must be steps or time"),
     ],
 )
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, args, message):
     args = [a.replace("OUT", str(tmp_path / "o")) for a in args]
     r = run_cli(*args)
@@ -162,6 +165,7 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint(tmp_path):
     train(tiny(tmp_path), show_progress=False, echo=lambda *_: None)
     data = (tmp_path / "ckpt.pt").read_bytes()

@@ -6,6 +6,7 @@ a command is one module and one entry in COMMANDS.
 """
 from __future__ import annotations
 
+import errno
 import sys
 
 from ..sysutil import tune_malloc
@@ -51,3 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparse-transformer: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"sparse-transformer: error: no space left on the device{where}; every file is written atomically, "
+              "so what was there before is intact; free some space and run it again (a run continues with --resume)", file=sys.stderr)
+        return 2
