@@ -230,24 +230,27 @@ def attention(
         o = native_attention(q, k, v, w, l, strict, scale)
         return (o[..., :D] if pad else o).to(dtype)
 
+    return by_head_groups(q, k, v, pats, run)
+
+
+def by_head_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list[Pattern], run) -> torch.Tensor:
+    """``run(q, k, v, pattern, first_head)`` once per group of heads that share a plan, reassembled
+    in head order: one call when every head shares it, slices and one cat for contiguous runs of heads."""
     groups: dict[tuple, list[int]] = {}
     for h, p in enumerate(pats):
         groups.setdefault(plan_key(p, h), []).append(h)
     if len(groups) == 1:
         return run(q, k, v, pats[0], 0)
-
     if all(h == list(range(h[0], h[-1] + 1)) for h in groups.values()):
         # Contiguous runs of heads (the model's "multihead" split): slices and one cat,
         # whose backward is cheap, instead of gathers and index_copy.
         runs = sorted(groups.values())
         return torch.cat([run(*(t[:, h[0] : h[-1] + 1] for t in (q, k, v)), pats[h[0]], h[0]) for h in runs], dim=1)
-
     out = torch.empty_like(q)
     outs = []
     for heads in groups.values():
         idx = torch.tensor(heads, device=q.device)
-        o = run(q[:, idx], k[:, idx], v[:, idx], pats[heads[0]], heads[0])
-        outs.append((idx, o))
+        outs.append((idx, run(q[:, idx], k[:, idx], v[:, idx], pats[heads[0]], heads[0])))
     # index_copy keeps autograd: each head's output comes from exactly one group.
     for idx, o in outs:
         out = out.index_copy(1, idx, o)

@@ -60,16 +60,19 @@ def run(args, extra) -> int:
     from ..train.config import build_config
     from ..train.loop import train
 
-    cfg = build_config(args.preset, args.config, _overrides(extra))
-    if args.resume:
+    overrides = _overrides(extra)
+    if args.resume:  # the checkpoint's settings, then the command line's: built once, from the checkpoint
         from ..train.checkpoint import checkpoint_config, load_checkpoint
         from ..train.config import set_key
 
-        path = f"{cfg.train.out_dir}/ckpt.pt"
+        out_dir = dict(overrides).get("train.out_dir") or build_config(args.preset, args.config, []).train.out_dir
+        path = f"{out_dir}/ckpt.pt"
         cfg = checkpoint_config(load_checkpoint(path)["config"], path)
-        for key, value in _overrides(extra):
+        for key, value in overrides:
             set_key(cfg, key, value)
         cfg.validate()
+    else:
+        cfg = build_config(args.preset, args.config, overrides)
     if args.print_config:  # the settings the run would use: resolved against its data (images set the shape)
         from ..data import load_dataset
         from ..train.config import resolve
