@@ -105,7 +105,7 @@ def atomic_open(path):
     from pathlib import Path
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the user's usual mode
@@ -120,14 +120,30 @@ def atomic_open(path):
         except OSError:
             pass
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder) -> None:
+    """Make the entries of ``folder`` (a file renamed into it, a new subfolder) durable; best effort."""
     try:
-        dfd = os.open(path.parent, os.O_RDONLY)
+        dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError:
         pass
+
+
+def make_dirs(folder) -> None:
+    """mkdir -p that also fsyncs each new folder into its parent, so a crash cannot lose it."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in reversed(missing):
+        fsync_dir(p.parent)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

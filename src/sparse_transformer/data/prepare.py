@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..sysutil import atomic_open, atomic_write_text
+from ..sysutil import atomic_open, atomic_write_text, fsync_dir, make_dirs
 from . import formats
 from .download import download, file_digest, verify
 
@@ -85,6 +85,7 @@ def _write(out: Path, name: str, splits: dict[str, np.ndarray], meta: dict) -> d
         if out.exists():
             raise ValueError(f"{out} appeared while preparing; it is left as it is")
         tmp.rename(out)  # the folder appears whole or not at all
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -95,7 +96,7 @@ def _tmp_dir(out: Path) -> Path:
     if out.exists():
         raise ValueError(f"{out} already exists; remove it to prepare {out.name} again")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(out.parent)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except PermissionError:
         raise ValueError(f"cannot write into {out.parent}: permission denied") from None

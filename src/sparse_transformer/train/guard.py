@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..sysutil import make_dirs
+
 
 class Diverged(RuntimeError):
     """The run diverged: the command line exits with code 3; the checkpoints on disk are the last good ones."""
@@ -43,7 +45,7 @@ class RunLock:
         import fcntl
 
         self.created = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

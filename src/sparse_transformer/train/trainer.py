@@ -20,7 +20,7 @@ from ..data import get_batch, load_dataset
 from ..data.compressors import cached_compressor_bits
 from ..model import SparseTransformer
 from ..model.generate import generate
-from ..sysutil import atomic_write_text, cpu_description
+from ..sysutil import atomic_write_text, cpu_description, make_dirs
 from . import distributed as dist
 from .checkpoint import CKPT_NAME, atomic_torch_save, checkpoint_config, export_weights, keep_previous, load_checkpoint
 from .config import RunConfig, resolve
@@ -89,7 +89,7 @@ class Trainer:
         self._build(ckpt)
         self.log = None
         if ws.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.out)
             atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
             self.log = MetricsLog(self.out, self.start if self.resume else None)
         dist.barrier(ws)
