@@ -60,21 +60,21 @@ def setup(device: torch.device, parallel: str, timeout_s: float) -> tuple[Dist, 
     return Dist(rank, world, local, parallel), device
 
 
-def teardown(d: Dist, ok: bool) -> None:
+def teardown(ws: Dist, ok: bool) -> None:
     """Leave the process group; after a normal end, wait for every process first (gloo aborts a
     process whose peer tears down mid-exchange)."""
-    if d.enabled and dist.is_initialized():
+    if ws.enabled and dist.is_initialized():
         if ok:
-            barrier(d)
+            barrier(ws)
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, d: Dist, device: torch.device, reduce_dtype: str) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, ws: Dist, device: torch.device, reduce_dtype: str) -> torch.nn.Module:
     """The module to run forward and backward through: DDP, FSDP2 (in place), or the model itself."""
-    if not d.enabled:
+    if not ws.enabled:
         return model
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[reduce_dtype]
-    if d.parallel == "fsdp":
+    if ws.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(reduce_dtype=dtype) if dtype else MixedPrecisionPolicy()
@@ -96,13 +96,13 @@ def wrap(model: torch.nn.Module, d: Dist, device: torch.device, reduce_dtype: st
 
 
 @contextlib.contextmanager
-def sync_gradients(net: torch.nn.Module, d: Dist, sync: bool):
+def sync_gradients(net: torch.nn.Module, ws: Dist, sync: bool):
     """All-reduce gradients in this backward only when ``sync`` (the last micro-batch of a step)."""
-    if not d.enabled or sync:
-        if d.parallel == "fsdp":
+    if not ws.enabled or sync:
+        if ws.parallel == "fsdp":
             net.set_requires_gradient_sync(True)
         yield
-    elif d.parallel == "fsdp":
+    elif ws.parallel == "fsdp":
         net.set_requires_gradient_sync(False)
         yield
     else:
@@ -118,25 +118,25 @@ def _collective(fn):
         raise DistributedFailure(f"lost contact with another process of the run ({first[:200]})") from None
 
 
-def mean(value: float, d: Dist, device: torch.device) -> float:
+def mean(value: float, ws: Dist, device: torch.device) -> float:
     """The mean of ``value`` over all processes (every process gets it)."""
-    if not d.enabled:
+    if not ws.enabled:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     _collective(lambda: dist.all_reduce(t))
-    return t.item() / d.world
+    return t.item() / ws.world
 
 
-def sum_(values: list[float], d: Dist, device: torch.device) -> list[float]:
-    if not d.enabled:
+def sum_(values: list[float], ws: Dist, device: torch.device) -> list[float]:
+    if not ws.enabled:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     _collective(lambda: dist.all_reduce(t))
     return t.tolist()
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
+def barrier(ws: Dist) -> None:
+    if ws.enabled:
         _collective(dist.barrier)
 
 
