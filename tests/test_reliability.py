@@ -160,3 +160,12 @@ def test_a_full_disk_is_one_line_and_exit_2_and_leaves_the_old_files(monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("reading ") and len(err) == 2 and "no space left on the device" in err[1], err
     assert not (tmp_path / "d" / "text").exists() and not list((tmp_path / "d").glob(".text.*"))
+
+
+@pytest.mark.parametrize("text,msg", [("model = [\n", "not valid TOML"), ('[model]\nn_layer = "x"\n', "model.n_layer expects int"),
+                                      ("[model]\nnope = 1\n", "unknown setting 'model.nope'")])
+def test_errors_in_a_toml_file_name_the_file(tmp_path, text, msg):
+    f = tmp_path / "my.toml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=f"^{str(f)}: .*{msg}".replace(".", r"\.").replace(r"\.\*", ".*")):
+        build_config(None, str(f), [])

@@ -189,7 +189,10 @@ def apply_dict(cfg: RunConfig, d: dict, origin: str) -> None:
         if section not in SECTIONS or not isinstance(values, dict):
             raise ValueError(f"{origin}unknown section {section!r}; allowed: model, train, data")
         for k, v in values.items():
-            set_key(cfg, f"{section}.{k}", v, from_text=False)
+            try:
+                set_key(cfg, f"{section}.{k}", v, from_text=False)
+            except ValueError as e:
+                raise ValueError(f"{origin}{e}") from None
 
 
 def load_toml(cfg: RunConfig, path: Path) -> None:
