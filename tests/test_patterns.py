@@ -111,3 +111,48 @@ def test_row_keys_match_mask(n, stride, data):
         m = p.mask(n, head)
         for i in range(n):
             assert p.row_keys(i, head).tolist() == m[i].nonzero().flatten().tolist(), (p, i)
+
+
+def test_one_spec_syntax_from_one_registry():
+    """patterns.parse builds every registered pattern from its spec, spec() inverts it, and a bad spec
+    is one ValueError that lists what exists."""
+    cases = {"dense": P.Dense(), "local:5": P.Local(5), "strided:8": P.Strided(8), "strided_columns:8": P.StridedColumns(8),
+             "fixed:8:2": P.Fixed(8, 2), "fixed:8:2:true": P.Fixed(8, 2, True), "fixed_block:8": P.FixedBlock(8),
+             "fixed_summary:8:2": P.FixedSummary(8, 2)}
+    assert sorted(P.names()) == sorted({s.split(":")[0] for s in cases})
+    for text, pattern in cases.items():
+        assert P.parse(text) == pattern and P.parse(P.spec(pattern)) == pattern
+    for bad, msg in [("nope:1", "unknown pattern 'nope'"), ("fixed:8", "takes stride:c:distinct_heads"),
+                     ("strided:x", "integers or true/false"), ("local:0", "window must be >= 1"),
+                     ("fixed:8:9", "c must be")]:
+        with pytest.raises(ValueError, match=msg) as e:
+            P.parse(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="known: dense, fixed:stride:c"):
+        P.parse("nope")
+
+
+def test_model_config_bench_and_pictures_take_specs(tmp_path):
+    from sparse_transformer.bench.attention import parse_cases
+    from sparse_transformer.model.config import ModelConfig
+
+    cfg = ModelConfig(n_ctx=64, d_model=32, n_head=2, pattern="fixed:8:2:true")
+    assert cfg.full_pattern() == P.Fixed(8, 2, True)
+    with pytest.raises(ValueError, match="model.pattern: 'fixed:8:99'"):
+        ModelConfig(pattern="fixed:8:99").validate()
+    assert [p for _, p in parse_cases("dense,strided,fixed,local:7,fixed_summary:8:2", 1024)] == [
+        None, P.Strided(32), P.Fixed(128, 16), P.Local(7), P.FixedSummary(8, 2)]
+
+
+@pytest.mark.slow
+def test_a_spec_trains_and_draws(tmp_path):
+    from helpers import run_cli, tiny
+    from sparse_transformer.train.loop import train
+
+    summary = train(tiny(tmp_path / "run", ("model.pattern", "fixed:8:2"), steps=2), show_progress=False,
+                    echo=lambda *_: None)
+    assert summary["steps"] == 2
+    r = run_cli("show-pattern", "fixed_summary:8:2", "-n", "32", "-o", tmp_path / "p.png")
+    assert r.returncode == 0 and (tmp_path / "p.png").is_file(), r.stderr
+    r = run_cli("show-pattern", "fixed:8:99", "-o", tmp_path / "q.png")
+    assert r.returncode == 2 and "c must be" in r.stderr and "Traceback" not in r.stderr

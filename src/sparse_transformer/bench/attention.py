@@ -31,28 +31,28 @@ DEFAULT_CASES = "dense,strided,fixed:128:16"
 
 
 def parse_cases(spec: str, n: int) -> list[tuple[str, P.Pattern | None]]:
-    """Cases from a comma list: dense | strided[:l] | fixed[:l[:c]] | local:w.
-
-    strided without l uses the power of two nearest sqrt(N).
-    """
+    """Cases from a comma list of pattern specs (``patterns.parse``: strided:l, fixed:l:c, local:w, ...),
+    with three shorthands: ``dense`` (the causal SDPA baseline), ``strided`` (l = the power of two nearest
+    sqrt(N)) and ``fixed`` or ``fixed:l`` (l = 128, c = min(16, l))."""
     cases: list[tuple[str, P.Pattern | None]] = []
     for item in spec.split(","):
-        name, *args = item.strip().split(":")
-        try:
-            nums = [int(a) for a in args]
-        except ValueError:
-            raise ValueError(f"bad case {item!r}: parameters must be integers") from None
-        if name == "dense" and not nums:
+        item = item.strip()
+        name, *args = item.split(":")
+        if item == "dense":
             cases.append(("dense", None))
-        elif name == "strided" and len(nums) <= 1:
-            cases.append((item, P.Strided(nums[0] if nums else 2 ** round(math.log2(math.sqrt(n))))))
-        elif name == "fixed" and len(nums) <= 2:
-            stride = nums[0] if nums else 128
-            cases.append((item, P.Fixed(stride, nums[1] if len(nums) > 1 else min(16, stride))))
-        elif name == "local" and len(nums) == 1:
-            cases.append((item, P.Local(nums[0])))
+        elif item == "strided":
+            cases.append((item, P.Strided(2 ** round(math.log2(math.sqrt(n))))))
+        elif name == "fixed" and len(args) <= 1:
+            try:
+                stride = int(args[0]) if args else 128
+            except ValueError:
+                raise ValueError(f"bad case {item!r}: parameters must be integers") from None
+            cases.append((item, P.Fixed(stride, min(16, stride))))
         else:
-            raise ValueError(f"bad case {item!r}; allowed: dense, strided[:stride], fixed[:stride[:c]], local:window")
+            try:
+                cases.append((item, P.parse(item)))
+            except ValueError as e:
+                raise ValueError(f"bad case {item!r}: {e}") from None
     return cases
 
 

@@ -14,7 +14,8 @@ def add(sub) -> None:
         "it, the positions one query attends to laid out in rows of --width (red: the query). One row of panels "
         "per head with --heads and --distinct-heads (fixed), or per factor with --factors.",
     )
-    sp.add_argument("pattern", choices=["dense", "local", "strided", "fixed"])
+    sp.add_argument("pattern", help="dense, local, strided or fixed (with --stride, -c, --distinct-heads), "
+                    "or any pattern spec such as fixed:8:2 or strided_columns:8")
     sp.add_argument("--stride", type=at_least(1), default=8, help="stride l (local: the window; default 8)")
     sp.add_argument("-c", type=at_least(1), default=2, help="fixed: summary width c (default 2)")
     sp.add_argument("-n", type=at_least(1), default=64, help="sequence length (default 64)")
@@ -59,11 +60,12 @@ def cmd_show_pattern(args, extra) -> int:
         raise UsageError(f"-n must be in [1, 4096] for a picture, got {args.n}")
     if args.heads < 1:
         raise UsageError("--heads must be >= 1")
-    pattern = {"dense": lambda: P.Dense(), "local": lambda: P.Local(args.stride), "strided": lambda: P.Strided(args.stride),
-               "fixed": lambda: P.Fixed(args.stride, args.c, distinct_heads=args.distinct_heads)}[args.pattern]()
+    legacy = {"dense": lambda: P.Dense(), "local": lambda: P.Local(args.stride), "strided": lambda: P.Strided(args.stride),
+              "fixed": lambda: P.Fixed(args.stride, args.c, distinct_heads=args.distinct_heads)}
+    pattern = legacy[args.pattern]() if args.pattern in legacy else P.parse(args.pattern)
     scale = args.scale or max(1, 512 // args.n)
     w, h = write_pattern(args.out, pattern, args.n, heads=args.heads, factors=args.factors, query=args.query,
-                         width=args.width or (args.stride if args.pattern != "dense" else None), scale=scale)
+                         width=args.width or getattr(pattern, "stride", getattr(pattern, "window", None)), scale=scale)
     print(f"wrote {args.out} ({w}x{h})", file=sys.stderr)
     return 0
 

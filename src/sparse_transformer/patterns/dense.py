@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import torch
 
 from .base import Pattern
+from .registry import register
 
 
+@register("dense")
 @dataclass(frozen=True)
 class Dense(Pattern):
     """Query i attends every key j <= i."""

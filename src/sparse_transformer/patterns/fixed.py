@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Pattern, check_int
+from .registry import register
 
 
 def _summary_start(stride: int, c: int, distinct_heads: bool, head: int) -> int:
@@ -31,6 +32,7 @@ def _check(stride: int, c: int) -> None:
     check_int("c", c, 1, stride)
 
 
+@register("fixed_block", "stride")
 @dataclass(frozen=True)
 class FixedBlock(Pattern):
     """j <= i and j // stride == i // stride: the first factor of the fixed pattern."""
@@ -50,6 +52,7 @@ class FixedBlock(Pattern):
         return torch.arange(i - i % self.stride, i + 1)
 
 
+@register("fixed_summary", "stride", "c", "distinct_heads")
 @dataclass(frozen=True)
 class FixedSummary(Pattern):
     """j <= i and j % stride in the summary offsets: the second factor of the fixed pattern.
@@ -82,6 +85,7 @@ class FixedSummary(Pattern):
         return _summary_keys(self.stride, self.c, self.summary_start(head), i + 1)
 
 
+@register("fixed", "stride", "c", "distinct_heads")
 @dataclass(frozen=True)
 class Fixed(Pattern):
     """j <= i and (j // stride == i // stride or j % stride in the summary offsets).

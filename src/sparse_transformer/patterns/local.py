@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import torch
 
 from .base import Pattern, check_int
+from .registry import register
 
 
+@register("local", "window")
 @dataclass(frozen=True)
 class Local(Pattern):
     """i - window < j <= i. ``Local(stride)`` is the first factor of the strided pattern."""

@@ -11,8 +11,10 @@ import torch
 
 from .base import Pattern, check_int
 from .local import Local
+from .registry import register
 
 
+@register("strided_columns", "stride")
 @dataclass(frozen=True)
 class StridedColumns(Pattern):
     """j <= i and (i - j) % stride == 0: the second factor of the strided pattern."""
@@ -32,6 +34,7 @@ class StridedColumns(Pattern):
         return torch.arange(i % self.stride, i + 1, self.stride)
 
 
+@register("strided", "stride")
 @dataclass(frozen=True)
 class Strided(Pattern):
     """j <= i and (i - j < stride or (i - j) % stride == 0); stride ~ sqrt(n)."""
