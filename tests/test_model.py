@@ -215,3 +215,29 @@ def test_fixed_cache_is_a_fraction_of_dense():
     ratio = cache_bytes("fixed") / cache_bytes("dense")
     assert ratio == pytest.approx((128 * 16 + 128) / 16384)  # summaries of 128 blocks + one block
     assert ratio <= 0.25
+
+
+@pytest.mark.parametrize("pattern,combine,extra", [
+    ("strided", "merged", {}), ("fixed", "interleaved", {}), ("fixed", "multihead", {"distinct_heads": True}),
+    ("local", "merged", {"rotary": True}), ("dense", "merged", {"qk_ratio": 0.5}), ("fixed:8:2:true", "multihead", {}),
+])
+def test_prefill_then_decode_equals_the_full_forward(pattern, combine, extra):
+    """generate's prefill: one sparse forward over the prompt fills every cache; the decode steps after it
+    give the full forward's logits (1e-4), for prompts that end inside, at and after a block boundary."""
+    from sparse_transformer.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_ctx=48, d_model=32, n_layer=2, n_head=4, stride=8, c=2, pattern=pattern, combine=combine,
+                      **extra)
+    m = SparseTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # the head starts at zero: make the logits informative
+        x = torch.randint(0, 256, (2, 48))
+        full, _ = m(x)
+        for P in (1, 7, 8, 9, 30):
+            cache = m.new_cache(2)
+            m(x[:, :P], cache=cache)
+            for t in range(P, P + 6):
+                got = m.step(x[:, t - 1], t, cache)
+                assert torch.allclose(got, full[:, t], atol=1e-4), (P, t, (got - full[:, t]).abs().max())

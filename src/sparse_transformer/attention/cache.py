@@ -1,7 +1,7 @@
 """KV caches for decoding that follow the pattern (not in the paper, which does not describe its sampling code).
 
 One cache serves one group of heads of one layer. ``write(t, k, v)`` stores
-position t; ``read(t)`` returns exactly the keys and values that query t may
+position t, ``fill(k, v)`` positions 0..T-1 at once (prefill); ``read(t)`` returns exactly the keys and values that query t may
 attend (in any order: attention does not care). A fixed pattern keeps only
 the summary columns of finished blocks plus the current block, about c/stride
 of a dense cache plus one block; the others keep every position and read only
@@ -25,6 +25,12 @@ class FullCache:
     def write(self, t: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[:, :, t] = k
         self.v[:, :, t] = v
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Positions 0..T-1 at once (prefill): k, v (B, h, T, D)."""
+        T = k.shape[2]
+        self.k[:, :, :T] = k
+        self.v[:, :, :T] = v
 
     def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self.pattern.row_keys(t, self.head).to(self.k.device)
@@ -60,6 +66,20 @@ class FixedCache:
             i = (t // self.l) * self.c + off - self.s0
             self.sk[:, :, i] = k
             self.sv[:, :, i] = v
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Positions 0..T-1 at once (prefill): k, v (B, h, T, D); the same state as T writes."""
+        T = k.shape[2]
+        if self.summaries:
+            t = torch.arange(T, device=k.device)
+            off = t % self.l
+            t = t[(off >= self.s0) & (off < self.s0 + self.c)]
+            dest = (t // self.l) * self.c + t % self.l - self.s0
+            self.sk[:, :, dest] = k[:, :, t]
+            self.sv[:, :, dest] = v[:, :, t]
+        start = (T - 1) // self.l * self.l  # the block of the last position
+        self.bk[:, :, : T - start] = k[:, :, start:]
+        self.bv[:, :, : T - start] = v[:, :, start:]
 
     def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         off, done = t % self.l, (t // self.l) * self.c  # summaries of the finished blocks

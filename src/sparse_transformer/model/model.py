@@ -98,9 +98,15 @@ class Attention(nn.Module):
             q, k = rotate(q, pos), rotate(k, pos)
         return q, k, v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        """x (B, T, C) at positions 0..T-1 -> (B, T, C); with ``cache`` (from ``new_cache``), also stores
+        the keys and values of those positions in it (prefill), so decoding continues at position T."""
         B, T, C = x.shape
         q, k, v = self.heads(x)
+        if cache is not None:
+            for heads, group in cache:
+                heads = heads.to(x.device)
+                group.fill(k[:, heads], v[:, heads])
         scale = 1.0 / math.sqrt(q.shape[-1])
         if self.d_qk != self.d_v:
             # The fused kernels need one head width; zero columns leave q.k unchanged.
@@ -193,8 +199,8 @@ class Block(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        a = self.drop(self.attn(self.ln1(h)))
+    def forward(self, h: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        a = self.drop(self.attn(self.ln1(h), cache))
         b = self.drop(self.ff(self.ln2(h + a)))
         return h + a + b
 
@@ -257,21 +263,23 @@ class SparseTransformer(nn.Module):
         h = torch.cat([self.start.expand(B, 1, -1), self.tok(x[:, :-1])], dim=1)
         return self.drop(h + self.pos(T))
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                cache: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T) int64 in [0, vocab) -> (logits (B, T, vocab), loss); logits[:, t] predicts x[:, t].
 
         The model predicts its own input (the start token stands before x[:, 0]), so ``targets`` is
         normally ``x``. The loss is ``nll(logits, targets, reduction)``, None without targets.
+        With ``cache`` (``new_cache``) the pass is a prefill: the sparse forward over positions 0..T-1
+        also fills every layer's cache, and ``step(x[:, T-1], T, cache)`` continues from there.
         """
         h = self.embed(x)
-        for blk in self.blocks:
-            if self.cfg.recompute and self.training and torch.is_grad_enabled():
+        for i, blk in enumerate(self.blocks):
+            if self.cfg.recompute and self.training and torch.is_grad_enabled() and cache is None:
                 # Recompute attention and feed-forward in the backward (section 5.4);
                 # the RNG state is restored so dropout masks match.
                 h = checkpoint(blk, h, use_reentrant=False, preserve_rng_state=True)
             else:
-                h = blk(h)
+                h = blk(h, None if cache is None else cache[i])
         logits = self.head(self.ln_f(h))  # (B, T, vocab)
         return logits, (None if targets is None else nll(logits, targets, reduction))
 
