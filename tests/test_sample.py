@@ -86,6 +86,7 @@ def test_bench_sample_smoke(tmp_path):
     assert set(rows) == {"dense", "strided", "fixed"}
     assert rows["dense"]["cache_fraction_of_dense"] == 1.0
     assert rows["fixed"]["cache_mb"] < rows["dense"]["cache_mb"]  # n_ctx 513: 33 blocks x 4 + 16 of 513
+    assert all(row["prefill_s"] > 0 and row["forward_s"] > 0 for row in rows.values())
     r = run_cli("bench", "sample", "--positions", "64")
     assert r.returncode == 2 and "exactly two positions" in r.stderr
 

@@ -7,6 +7,9 @@
   recomputing the full forward pass for every token. The latter is estimated
   from forward passes timed at 8 lengths and integrated over 1..L (trapezoid
   rule), because running it takes tens of minutes on a CPU.
+- Prefill of a prompt as long as the longest position: ``model(x, cache=cache)``
+  (the sparse forward that also fills the caches) against one plain forward
+  pass of the same length.
 - KV cache bytes at the longest position, against a dense cache.
 """
 from __future__ import annotations
@@ -48,6 +51,8 @@ def run(*, positions=(1024, 16384), gen_length: int = 4096, n_layer: int = 8, d_
                 times.append(time.perf_counter() - t0)
             row[f"ms_at_{t}"] = 1000 * float(np.median(times))
         row["step_ratio"] = row[f"ms_at_{positions[-1]}"] / row[f"ms_at_{positions[0]}"]
+        row["forward_s"], row["prefill_s"] = _prefill(model, positions[-1])
+        row["prefill_vs_forward"] = row["prefill_s"] / row["forward_s"]
         t0 = time.perf_counter()
         generate(model, 1, gen_length, temperature=1.0, seed=0)
         row["generate_s"] = time.perf_counter() - t0
@@ -76,10 +81,25 @@ def run(*, positions=(1024, 16384), gen_length: int = 4096, n_layer: int = 8, d_
     }
 
 
+@torch.no_grad()
+def _prefill(model: SparseTransformer, n: int) -> tuple[float, float]:
+    """(seconds of one forward pass over n positions, seconds of the prefill of n positions)."""
+    x = torch.zeros(1, n, dtype=torch.long)
+    model(x[:, : min(n, 256)])  # warm-up
+    t0 = time.perf_counter()
+    model(x)
+    forward = time.perf_counter() - t0
+    cache = model.new_cache(1)
+    t0 = time.perf_counter()
+    model(x, cache=cache)
+    return forward, time.perf_counter() - t0
+
+
 def report(result: dict) -> str:
     p = result["config"]["positions"]
     cols = [("pattern", "pattern")] + [(f"ms_at_{t}", f"ms/token at {t}") for t in p] + [
-        ("step_ratio", "ratio"), ("generate_s", f"generate {result['config']['gen_length']} s"),
+        ("step_ratio", "ratio"), ("prefill_s", f"prefill {p[-1]} s"), ("prefill_vs_forward", "of a forward"),
+        ("generate_s", f"generate {result['config']['gen_length']} s"),
         ("recompute_s_estimate", "recompute s (est.)"), ("generate_speedup", "speedup"),
         ("cache_mb", "cache MB"), ("cache_fraction_of_dense", "of dense")]
     c = result["config"]
