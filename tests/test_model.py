@@ -205,6 +205,15 @@ def test_generate_cached_equals_naive_and_is_seeded():
         generate(m, 1, 5, temperature=-1)
     with pytest.raises(ValueError, match="exceeds model.n_ctx"):
         generate(m, 1, 41)
+    with pytest.raises(ValueError, match="exceeds model.n_ctx"):
+        generate(m, 1, 1, prompt=bytes(40))
+    # a prompt may be a tensor of tokens (an image's first pixels, mu-law audio): the same as its bytes
+    c = generate(m, 2, 30, temperature=0, prompt=torch.tensor([97, 98]))
+    assert torch.equal(a, c)
+    for bad, msg in [(torch.tensor([1.5]), "1-D integer tensor"), (torch.tensor([[1]]), "1-D integer tensor"),
+                     (torch.tensor([256]), r"must be in \[0, 255\]")]:
+        with pytest.raises(ValueError, match=msg):
+            generate(m, 1, 2, prompt=bad)
 
 
 def test_fixed_cache_is_a_fraction_of_dense():
