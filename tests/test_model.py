@@ -244,9 +244,9 @@ def test_prefill_then_decode_equals_the_full_forward(pattern, combine, extra):
             p.add_(torch.randn_like(p) * 0.1)  # the head starts at zero: make the logits informative
         x = torch.randint(0, 256, (2, 48))
         full, _ = m(x)
-        for P in (1, 7, 8, 9, 30):
+        for plen in (1, 7, 8, 9, 30):
             cache = m.new_cache(2)
-            m(x[:, :P], cache=cache)
-            for t in range(P, P + 6):
+            m(x[:, :plen], cache=cache)
+            for t in range(plen, plen + 6):
                 got = m.step(x[:, t - 1], t, cache)
-                assert torch.allclose(got, full[:, t], atol=1e-4), (P, t, (got - full[:, t]).abs().max())
+                assert torch.allclose(got, full[:, t], atol=1e-4), (plen, t, (got - full[:, t]).abs().max())

@@ -118,7 +118,7 @@ def test_one_spec_syntax_from_one_registry():
     is one ValueError that lists what exists."""
     cases = {"dense": P.Dense(), "local:5": P.Local(5), "strided:8": P.Strided(8), "strided_columns:8": P.StridedColumns(8),
              "fixed:8:2": P.Fixed(8, 2), "fixed:8:2:true": P.Fixed(8, 2, True), "fixed_block:8": P.FixedBlock(8),
-             "fixed_summary:8:2": P.FixedSummary(8, 2)}
+             "fixed_summary:8:2": P.FixedSummary(8, 2), "dilated:4:3": P.DilatedWindow(4, 3)}
     assert sorted(P.names()) == sorted({s.split(":")[0] for s in cases})
     for text, pattern in cases.items():
         assert P.parse(text) == pattern and P.parse(P.spec(pattern)) == pattern
@@ -128,7 +128,7 @@ def test_one_spec_syntax_from_one_registry():
         with pytest.raises(ValueError, match=msg) as e:
             P.parse(bad)
         assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="known: dense, fixed:stride:c"):
+    with pytest.raises(ValueError, match="known: dense, dilated:window:dilation, fixed:stride:c"):
         P.parse("nope")
 
 
@@ -156,3 +156,39 @@ def test_a_spec_trains_and_draws(tmp_path):
     assert r.returncode == 0 and (tmp_path / "p.png").is_file(), r.stderr
     r = run_cli("show-pattern", "fixed:8:99", "-o", tmp_path / "q.png")
     assert r.returncode == 2 and "c must be" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_pattern_added_in_one_file_works_everywhere(recwarn):
+    """patterns/dilated.py is the only file that mentions DilatedWindow: it registers itself, and runs in
+    attention() (fwd+bwd, exact, one masked SDPA call with a warning said once) and in decoding."""
+    import sparse_transformer as sp
+    from sparse_transformer.model import SparseTransformer
+    from sparse_transformer.model.config import ModelConfig
+
+    d = P.parse("dilated:4:3")
+    n = 50
+    m = d.mask(n)
+    assert torch.equal(m.sum(1), d.row_counts(n))
+    for i in range(n):
+        assert torch.equal(torch.nonzero(m[i]).flatten(), d.row_keys(i))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 600, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for backend in ("auto", "cpu"):
+        got = sp.attention(q, k, v, d, backend=backend)
+        want = sp.attention(q, k, v, d, backend="reference")
+        assert torch.allclose(got, want, atol=1e-10)
+        ga = torch.autograd.grad(got.sum(), (q, k, v))
+        gw = torch.autograd.grad(want.sum(), (q, k, v))
+        assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(ga, gw))
+    assert sum("DilatedWindow has no fast decomposition" in str(w.message) for w in recwarn.list) <= 1
+    torch.manual_seed(0)
+    model = SparseTransformer(ModelConfig(n_ctx=40, d_model=32, n_layer=1, n_head=2, pattern="dilated:4:2")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        x = torch.randint(0, 256, (1, 40))
+        full, _ = model(x)
+        cache = model.new_cache(1)
+        model(x[:, :10], cache=cache)
+        for t in range(10, 20):
+            assert torch.allclose(model.step(x[:, t - 1], t, cache), full[:, t], atol=1e-4)

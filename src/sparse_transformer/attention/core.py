@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -99,7 +100,27 @@ def choose_path(q: torch.Tensor, pats: list[Pattern], backend: str) -> str:
     if (backend == "auto" and q.device.type == "cpu" and q.shape[2] < MASKED_SDPA_BELOW
             and not all(isinstance(p, Dense) for p in pats)):
         return "masked"
+    if not all(_decomposable(p) for p in pats):
+        return "masked"
     return "decomposition"
+
+
+_warned: set[str] = set()
+
+
+def _decomposable(p: Pattern) -> bool:
+    """Whether the decomposition has a plan for ``p``; a pattern without one (a new pattern file that
+    gives only ``allowed``) runs as one SDPA call with its N x N mask, exact but O(N^2), said once."""
+    try:
+        make_plan(p, 0, 1)
+        return True
+    except ValueError:
+        name = type(p).__name__
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"{name} has no fast decomposition yet: it runs as one SDPA call with its N x N mask "
+                          "(exact, O(N^2) time and memory)", RuntimeWarning, stacklevel=4)
+        return False
 
 
 def explain_path(q: torch.Tensor, pattern: Pattern | Sequence[Pattern], backend: str = "auto") -> str:
@@ -110,6 +131,8 @@ def explain_path(q: torch.Tensor, pattern: Pattern | Sequence[Pattern], backend:
         return native.describe(native.padded_dim(q.shape[-1]))
     if path == "decomposition" and all(isinstance(p, Dense) for p in pats):
         return "one causal SDPA call (dense)"
+    if path == "masked" and not all(_decomposable(p) for p in pats):
+        return "SDPA with the pattern's N x N mask (no fast decomposition for this pattern yet)"
     if path == "masked":
         return f"SDPA with the pattern's mask (N={N} < {MASKED_SDPA_BELOW}: faster than the decomposition here)"
     if path == "decomposition" and q.device.type == "cpu" and all(native_args(p) for p in pats):

@@ -14,3 +14,22 @@ from .strided import Strided, StridedColumns
 
 __all__ = ["Pattern", "Dense", "Local", "Strided", "StridedColumns", "Fixed", "FixedBlock", "FixedSummary",
            "names", "parse", "register", "spec", "usage"]
+
+
+def _import_every_pattern_file() -> None:
+    """Import every module of this package, so that a pattern added as one new file registers itself,
+    and export each registered class here (``patterns.DilatedWindow``)."""
+    import importlib
+    import pkgutil
+
+    from .registry import _REGISTRY
+
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+    for cls, _ in _REGISTRY.values():
+        globals().setdefault(cls.__name__, cls)
+        if cls.__name__ not in __all__:
+            __all__.append(cls.__name__)
+
+
+_import_every_pattern_file()
