@@ -108,16 +108,24 @@ def _worker_pids(parent: int, rank: int) -> list[int]:
     return pids
 
 
+def _long_run_with_a_checkpoint(out: Path):
+    """A 2-process run that would train for long, once it has written its first checkpoint."""
+    proc = torchrun(2, out, ("train.steps", "100000"), ("train.ckpt_every", "2"), wait=False)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    if not (out / "ckpt.pt").exists():
+        proc.kill()
+        raise AssertionError("no checkpoint was written")
+    return proc
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
 def test_a_dead_rank_stops_the_run_and_the_checkpoint_loads(tmp_path):
     out = tmp_path / "killed"
-    proc = torchrun(2, out, ("train.steps", "100000"), ("train.ckpt_every", "2"), wait=False)
+    proc = _long_run_with_a_checkpoint(out)
     try:
-        deadline = time.time() + 120
-        while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert (out / "ckpt.pt").exists(), "no checkpoint was written"
         pids = _worker_pids(proc.pid, 1)
         assert pids, "rank 1 not found"
         t0 = time.time()
@@ -138,14 +146,10 @@ def test_a_dead_rank_stops_the_run_and_the_checkpoint_loads(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_exit_0(tmp_path):
     """SLURM-style preemption under torchrun: the ranks agree on the step (the stop request rides on the
-    loss all-reduce), rank 0 writes the checkpoint, every process exits 0, and --resume continues."""
+    loss all-reduce), rank 0 writes the checkpoint, every process exits 0, and the log ends at it."""
     out = tmp_path / "term"
-    proc = torchrun(2, out, ("train.steps", "100000"), ("train.ckpt_every", "2"), wait=False)
+    proc = _long_run_with_a_checkpoint(out)
     try:
-        deadline = time.time() + 120
-        while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert (out / "ckpt.pt").exists(), "no checkpoint was written"
         pids = _worker_pids(proc.pid, 1)
         assert len(pids) == 1, pids
         os.kill(pids[0], signal.SIGTERM)

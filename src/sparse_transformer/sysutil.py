@@ -64,15 +64,23 @@ def precise_malloc() -> bool:
         return False
 
 
+def proc_kib(path: str, key: str) -> int | None:
+    """The kB figure of line ``key:`` of a /proc file (Linux), or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """The peak resident set size of this process (since the last reset_peak_rss on Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = proc_kib("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -105,9 +105,7 @@ def choose_path(q: torch.Tensor, pats: list[Pattern], backend: str) -> str:
     return "decomposition"
 
 
-_warned: set[str] = set()
-
-
+@functools.lru_cache(maxsize=None)  # patterns are frozen dataclasses; this runs on every attention call
 def _decomposable(p: Pattern) -> bool:
     """Whether the decomposition has a plan for ``p``; a pattern without one (a new pattern file that
     gives only ``allowed``) runs as one SDPA call with its N x N mask, exact but O(N^2), said once."""
@@ -115,11 +113,8 @@ def _decomposable(p: Pattern) -> bool:
         make_plan(p, 0, 1)
         return True
     except ValueError:
-        name = type(p).__name__
-        if name not in _warned:
-            _warned.add(name)
-            warnings.warn(f"{name} has no fast decomposition yet: it runs as one SDPA call with its N x N mask "
-                          "(exact, O(N^2) time and memory)", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{type(p).__name__} has no fast decomposition yet: it runs as one SDPA call with its N x N mask "
+                      "(exact, O(N^2) time and memory)", RuntimeWarning, stacklevel=4)
         return False
 
 

@@ -16,6 +16,7 @@ import torch
 
 from ..model import SparseTransformer
 from ..model.config import ModelConfig
+from ..sysutil import proc_kib
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -48,13 +49,9 @@ def available_bytes(device: torch.device) -> int | None:
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type != "cpu":
         return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    avail = proc_kib("/proc/meminfo", "MemAvailable")
+    if avail is not None:
+        return avail * 1024
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
