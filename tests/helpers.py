@@ -70,4 +70,5 @@ def every_pattern(stride: int, c: int) -> list:
         P.FixedBlock(stride),
         P.FixedSummary(stride, c),
         P.FixedSummary(stride, c, distinct_heads=True),
+        P.DilatedWindow(stride, 2),
     ]

@@ -87,8 +87,8 @@ def test_native_kernel_long_and_per_head():
 
 def test_native_kernel_refuses_what_it_cannot_do():
     q = torch.randn(1, 2, 8, 16)
-    with pytest.raises(ValueError, match="Strided, Local and StridedColumns patterns only"):
-        sp.attention(q, q, q, P.Fixed(4, 2), backend="native")
+    with pytest.raises(ValueError, match="Dense runs on one causal SDPA call"):
+        sp.attention(q, q, q, P.Dense(), backend="native")
     with pytest.raises(ValueError, match="computes in float32"):
         sp.attention(q.double(), q.double(), q.double(), P.Strided(4), backend="native")
 
@@ -224,14 +224,16 @@ def test_auto_uses_the_native_kernel_on_cpu(monkeypatch):
     from sparse_transformer.attention import core
 
     calls = []
-    real = core.native_attention
-    monkeypatch.setattr(core, "native_attention", lambda *a: calls.append(1) or real(*a))
+    real = core.tiles_attention
+    monkeypatch.setattr(core, "tiles_attention", lambda *a: calls.append(1) or real(*a))
     q = torch.randn(1, 2, 40, 16)
-    sp.attention(q, q, q, P.Strided(8))
-    assert calls, "float32 Strided on the CPU should run on the native kernel"
-    calls.clear()
+    for p in (P.Strided(8), P.Fixed(8, 2), P.DilatedWindow(4, 2)):
+        sp.attention(q, q, q, p)
+        assert calls, f"float32 {p} on the CPU should run on the native kernel"
+        calls.clear()
     sp.attention(q, q, q, P.Strided(8), backend="cpu")
-    sp.attention(q, q, q, P.Fixed(8, 2))
+    sp.attention(q, q, q, P.Dense())
+    sp.attention(q.double(), q.double(), q.double(), P.Fixed(8, 2))
     assert not calls
 
 
@@ -279,9 +281,10 @@ def test_cpu_decomposition_computes_half_precision_sparse_patterns_in_float32():
     assert dense.dtype == torch.bfloat16
 
 
-def test_auto_runs_short_sequences_without_a_native_pass_as_one_masked_sdpa_call(monkeypatch):
+def test_auto_without_the_native_kernel_runs_short_sequences_as_one_masked_sdpa_call(monkeypatch):
     from sparse_transformer.attention import core
 
+    monkeypatch.setenv("SPARSE_TRANSFORMER_NATIVE", "0")
     calls = []
     real = core.masked_sdpa
     monkeypatch.setattr(core, "masked_sdpa", lambda *a: calls.append(a[0].shape[2]) or real(*a))
@@ -290,8 +293,9 @@ def test_auto_runs_short_sequences_without_a_native_pass_as_one_masked_sdpa_call
             compare(pattern, 1, 2, n, 16, torch.float32, "auto", 1e-5)
     assert set(calls) == {40, core.MASKED_SDPA_BELOW - 1}, "masked SDPA below the threshold, decomposition above"
     calls.clear()
-    compare(P.Strided(16), 1, 2, 100, 16, torch.float32, "auto", 1e-5)
     compare(P.Fixed(16, 4), 1, 2, 100, 16, torch.float32, "cpu", 1e-5)
+    monkeypatch.setenv("SPARSE_TRANSFORMER_NATIVE", "1")
+    compare(P.Fixed(16, 4), 1, 2, 100, 16, torch.float32, "auto", 1e-5)
     assert not calls, "the native kernel and explicit backends never take the masked path"
 
 
@@ -300,6 +304,6 @@ def test_explain_path_names_the_path():
 
     q = torch.randn(1, 2, 1024, 16)
     assert explain_path(q, P.Strided(32)).startswith("native kernel")
-    assert explain_path(q[:, :, :100], P.Fixed(16, 4)).startswith("SDPA with the pattern's mask (N=100")
-    assert explain_path(q, P.Fixed(16, 4)).startswith("fused-SDPA decomposition")
+    assert explain_path(q, P.Fixed(16, 4)).startswith("native kernel")
+    assert explain_path(q, P.Fixed(16, 4), backend="cpu").startswith("fused-SDPA decomposition")
     assert explain_path(q.double(), P.Strided(32)) == "fused-SDPA decomposition (float64)"

@@ -21,6 +21,8 @@ def brute(pattern, n, head=0):
                 ok = i - j < pattern.stride or (i - j) % pattern.stride == 0
             elif isinstance(pattern, P.StridedColumns):
                 ok = (i - j) % pattern.stride == 0
+            elif isinstance(pattern, P.DilatedWindow):
+                ok = (i - j) % pattern.dilation == 0 and (i - j) // pattern.dilation < pattern.window
             elif isinstance(pattern, (P.Fixed, P.FixedSummary, P.FixedBlock)):
                 l = pattern.stride
                 same = j // l == i // l

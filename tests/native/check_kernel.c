@@ -1,17 +1,62 @@
 /* Standalone check of native.c against naive loops: forward and backward of
- * Local, Strided and StridedColumns on a few shapes. Built for any target
- * (test_native_isa.py builds it for AVX2, AVX-512 and arm64 under qemu):
+ * every kind of description (patterns/tiles.py) on a few shapes: a causal band
+ * (Local), a band plus the column pass (Strided), the columns alone
+ * (StridedColumns), a gathered view of FULL intervals plus a band (Fixed), and
+ * byte masks (a dilated window). Built for any target (test_native_isa.py
+ * builds it for AVX2, AVX-512 and arm64 under qemu):
  *   cc -O2 -fopenmp -DHD=32 check_kernel.c -lm && ./a.out
- * The local window w must not exceed the stride l (the kernel adds the two
- * passes; Strided uses w = l). Prints one line per case, exits 1 on a mismatch. */
+ * Prints one line per case, exits 1 on a mismatch. */
 #include "../../src/sparse_transformer/attention/native.c"
 #include <stdio.h>
 
+enum { BANDED, FIXED, DILATED };
+
+typedef struct { int N, kind, w, l, strict; } Case;
+
+static const Case *cur;
+
+/* kind BANDED: a band of w (0: none) plus columns of stride l (0: none; w <= l, or the two overlap);
+ * FIXED: blocks of l with summary columns l - w .. l - 1; DILATED: (i - j) % l == 0, (i - j) / l < w. */
 static int allowed(int i, int j, int w, int l, int strict)
 {
     if (j > i) return 0;
+    if (cur->kind == FIXED) return j / l == i / l || j % l >= l - w;
+    if (cur->kind == DILATED) return (i - j) % l == 0 && (i - j) / l < w;
     if (w > 0 && i - j < w) return 1;
     return l > 0 && (i - j) % l == 0 && !(strict && i == j);
+}
+
+/* The description of the case, as patterns/tiles.py builds it. */
+static Desc describe(const Case *c, float scale, int *ptr, int *iv, int *gpos, uint8_t *masks)
+{
+    int N = c->N, ntiles = (N + TQ - 1) / TQ, n = 0, ng = 0, maxw = 0;
+    size_t off = 0;
+    if (c->kind == FIXED)
+        for (int b = 0; b < (N - 1) / c->l; b++)
+            for (int t = 0; t < c->w; t++) gpos[ng++] = b * c->l + c->l - c->w + t;
+    for (int t = 0; t < ntiles; t++) {
+        int r0 = t * TQ, r1 = imin(N, r0 + TQ), W = 0;
+        ptr[t] = n;
+        int *e = iv + 5 * n;
+        if (c->kind == BANDED && c->w > 0) {
+            int e5[5] = {0, imax(0, r0 - c->w + 1), r1, IV_BAND, c->w};
+            memcpy(e, e5, sizeof e5), n++;
+        } else if (c->kind == FIXED) { /* TQ divides l: a tile sits in one block */
+            int b = r0 / c->l;
+            int e10[10] = {1, 0, b * c->w, IV_FULL, 0, 0, b * c->l, r1, IV_BAND, 0};
+            memcpy(e, e10, sizeof e10), n += 2;
+        } else if (c->kind == DILATED) {
+            int e5[5] = {0, 0, r1, IV_MASK, (int)off};
+            memcpy(e, e5, sizeof e5), n++;
+            for (int i = r0; i < r1; i++)
+                for (int j = 0; j < r1; j++) masks[off++] = (uint8_t)allowed(i, j, c->w, c->l, 0);
+        }
+        for (int x = ptr[t]; x < n; x++) W += iv[5 * x + 2] - iv[5 * x + 1];
+        maxw = imax(maxw, W);
+    }
+    ptr[ntiles] = n;
+    Desc d = {N, ntiles, imax(maxw, 1), ng, ptr, iv, gpos, masks, scale};
+    return d;
 }
 
 /* Dense masked attention of one sequence and its gradients, in double. */
@@ -68,15 +113,22 @@ static double maxdiff(const float *a, const double *b, size_t n)
 
 int main(void)
 {
-    struct { int N, w, l, strict; } cases[] = {
-        {1, 5, 5, 1}, {17, 5, 5, 1}, {100, 10, 10, 1}, {257, 9, 0, 1}, {96, 0, 6, 0}, {300, 0, 12, 0},
-        {64, 1, 1, 1}, {130, 7, 13, 1}, {200, 40, 40, 1},
+    Case cases[] = {
+        {1, BANDED, 5, 5, 1}, {17, BANDED, 5, 5, 1}, {100, BANDED, 10, 10, 1}, {257, BANDED, 9, 0, 1},
+        {96, BANDED, 0, 6, 0}, {300, BANDED, 0, 12, 0}, {64, BANDED, 1, 1, 1}, {130, BANDED, 7, 13, 1},
+        {200, BANDED, 40, 40, 1}, {333, BANDED, 37, 37, 1}, {1, FIXED, 8, 64, 0}, {300, FIXED, 8, 64, 0},
+        {450, FIXED, 64, 64, 0}, {150, DILATED, 5, 3, 0}, {70, DILATED, 100, 1, 0},
     };
     int failed = 0;
     unsigned seed = 1;
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        cur = &cases[c];
         int N = cases[c].N, w = cases[c].w, l = cases[c].l, strict = cases[c].strict, BH = 2;
-        if (l > 0 && N % l) N += l - N % l; /* the kernel's column pass wants N a multiple of l */
+        int cols = cur->kind == BANDED ? l : 0;
+        if (cols > 0 && N % l) N += l - N % l; /* the kernel's column pass wants N a multiple of l */
+        Case padded = *cur;
+        padded.N = N;
+        cur = &padded;
         size_t n = (size_t)BH * N * HD;
         float *t[8], *lse = malloc(sizeof(float) * BH * N);
         for (int i = 0; i < 8; i++) t[i] = calloc(n, sizeof(float));
@@ -86,8 +138,18 @@ int main(void)
             t[i / n][i % n] = (float)((seed >> 8) & 0xffff) / 32768.0f - 1.0f;
         }
         float scale = 1.0f / sqrtf((float)HD);
-        int rc = st_forward(BH, N, w, l, strict, scale, 2, q, k, v, o, lse);
-        rc |= st_backward(BH, N, w, l, strict, scale, 2, q, k, v, o, dout, lse, dq, dk, dv);
+        int *ptr = malloc(sizeof(int) * (N / TQ + 2)), *iv = malloc(sizeof(int) * 10 * (N / TQ + 2));
+        int *gpos = malloc(sizeof(int) * (N + 1));
+        uint8_t *masks = malloc((size_t)N * N + 1);
+        Desc d = describe(cur, scale, ptr, iv, gpos, masks);
+        int nt = cur->kind == BANDED && w == 0 ? 0 : d.ntiles, rc = 0;
+        for (int threads = 1; threads <= 4; threads *= 4) { /* 1: sequences per thread; 4 > BH: shared sequences */
+            memset(dq, 0, sizeof(float) * n), memset(dk, 0, sizeof(float) * n), memset(dv, 0, sizeof(float) * n);
+            rc |= st_tiles_forward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, scale, threads, q, k, v, o, lse);
+            rc |= st_tiles_backward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, scale, threads, q, k, v,
+                                    o, dout, lse, dq, dk, dv);
+        }
+        free(ptr), free(iv), free(gpos), free(masks);
         double *ref = malloc(sizeof(double) * 4 * N * HD), err = 0;
         for (int b = 0; b < BH; b++) {
             size_t off = (size_t)b * N * HD;
@@ -101,8 +163,8 @@ int main(void)
         }
         int ok = rc == 0 && err < 1e-4;
         failed |= !ok;
-        printf("%s VL=%d TQ=%d HD=%d N=%d w=%d l=%d strict=%d max error %.2e\n", ok ? "ok  " : "FAIL", VL, TQ, HD, N,
-               w, l, strict, err);
+        printf("%s VL=%d TQ=%d HD=%d N=%d kind=%d w=%d l=%d strict=%d max error %.2e\n", ok ? "ok  " : "FAIL", VL, TQ,
+               HD, N, cur->kind, w, l, strict, err);
         for (int i = 0; i < 8; i++) free(t[i]);
         free(lse);
         free(ref);

@@ -13,19 +13,19 @@ from ..patterns import Dense, Local, Pattern, Strided, StridedColumns
 from . import native
 from .function import SparseAttentionFunction
 from .kernels import default_scale, select_kernel
-from .native import native_attention
+from .native import tiles_attention
 from .parts import make_plan, plan_key
 from .reference import reference_attention
 
 BACKENDS = ("auto", "reference", "native", "cpu", "cuda", "math")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-# Below this length, ``auto`` on the CPU runs a pattern that has no native pass (Fixed, or a list that
-# mixes such patterns) as one SDPA call with the pattern's mask instead of the decomposition, whose
-# fixed cost per part dominates there. Measured fwd+bwd, B8 H4 D32 float32, 2 threads (BENCHMARKS.md,
-# "short sequences"): Fixed(16, 4) at 256 positions 7.0 ms masked SDPA vs 8.0 ms decomposition
-# (AVX-512; 10.2 vs 11.1 ms AVX2), Fixed(22, 8) at 512 33 vs 20 ms. The native kernel beats dense SDPA
-# from 64 positions up (Strided(16): 0.62 vs 0.94 ms), so it has no such threshold.
+# Where the native kernel is off or cannot be built, ``auto`` on the CPU runs a sparse pattern below
+# this length as one SDPA call with the pattern's mask instead of the decomposition, whose fixed cost
+# per part dominates there. Measured fwd+bwd, B8 H4 D32 float32, 2 threads (BENCHMARKS.md, "short
+# sequences"): Fixed(16, 4) at 256 positions 7.0 ms masked SDPA vs 8.0 ms decomposition (AVX-512;
+# 10.2 vs 11.1 ms AVX2), Fixed(22, 8) at 512 33 vs 20 ms. The native kernel beats dense SDPA from 64
+# positions up (Fixed(16, 4): 0.49 vs 0.66 ms; at 256, 1.7 vs 8.5 ms), so it has no such threshold.
 MASKED_SDPA_BELOW = 512
 
 
@@ -49,17 +49,6 @@ def _check_inputs(q, k, v) -> None:
         raise ValueError(f"every dimension of [B, H, N, D] must be >= 1, got {tuple(q.shape)}")
 
 
-def native_args(pattern: Pattern) -> tuple[int, int, bool] | None:
-    """(local window, column stride, strict) for the native kernel, or None if it has no pass for ``pattern``."""
-    if isinstance(pattern, Strided):
-        return pattern.stride, pattern.stride, True
-    if isinstance(pattern, Local):
-        return pattern.window, 0, True
-    if isinstance(pattern, StridedColumns):
-        return 0, pattern.stride, False
-    return None
-
-
 def _use_native(q: torch.Tensor, pats: list[Pattern], backend: str) -> bool:
     """Whether this call runs on the native kernel (saying why not when it was asked for)."""
     if backend not in ("auto", "native"):
@@ -73,13 +62,10 @@ def _use_native(q: torch.Tensor, pats: list[Pattern], backend: str) -> bool:
         if explicit:
             raise ValueError("backend 'native' computes in float32; float64 runs on backend 'cpu'")
         return False  # float64 keeps its precision on the decomposition
-    unsupported = [p for p in pats if native_args(p) is None]
-    if unsupported:
+    if any(isinstance(p, Dense) for p in pats):
         if explicit:
-            raise ValueError(
-                f"backend 'native' computes Strided, Local and StridedColumns patterns only, got {unsupported[0]!r}"
-            )
-        return False  # Dense and Fixed run on the fused-SDPA decomposition, their designed path
+            raise ValueError("backend 'native' computes sparse patterns; Dense runs on one causal SDPA call")
+        return False  # one fused SDPA call is the fast path for dense attention
     if not native.enabled():
         if explicit:
             raise ValueError("backend 'native' is turned off by SPARSE_TRANSFORMER_NATIVE=0")
@@ -130,7 +116,7 @@ def explain_path(q: torch.Tensor, pattern: Pattern | Sequence[Pattern], backend:
         return "SDPA with the pattern's N x N mask (no fast decomposition for this pattern yet)"
     if path == "masked":
         return f"SDPA with the pattern's mask (N={N} < {MASKED_SDPA_BELOW}: faster than the decomposition here)"
-    if path == "decomposition" and q.device.type == "cpu" and all(native_args(p) for p in pats):
+    if path == "decomposition" and q.device.type == "cpu":
         if q.dtype == torch.float64:
             return "fused-SDPA decomposition (float64)"
         if backend == "auto":
@@ -193,11 +179,10 @@ def attention(
     A Fixed pattern with ``distinct_heads`` gives head h its own summary offsets.
 
     backend:
-      "auto"      the fast path: on the CPU, the native kernel for Strided, Local and
-                  StridedColumns (float32 math; bfloat16/float16 inputs are computed in
-                  float32, float64 stays on the decomposition) and the fused-SDPA decomposition for the others
-                  (in float32 for bfloat16/float16 inputs, except Dense: faster on the CPU); on CUDA, the
-                  decomposition on the fused SDPA kernel; "math" with a warning elsewhere
+      "auto"      the fast path: on the CPU, the native kernel for every sparse pattern, read
+                  from its description (float32 math; bfloat16/float16 inputs are computed in
+                  float32, float64 stays on the decomposition), one causal SDPA call for Dense;
+                  on CUDA, the decomposition on the fused SDPA kernel; "math" with a warning elsewhere
       "reference" dense masked softmax, O(N^2): the test oracle
       "native"    the native CPU kernel (``attention/native.c``), or a ValueError
       "cpu", "cuda", "math"  the decomposition (section 5.5) on that fused kernel
@@ -242,10 +227,9 @@ def attention(
             if upcast and not isinstance(p, Dense):
                 q, k, v = q.float(), k.float(), v.float()
             return SparseAttentionFunction.apply(q, k, v, make_plan(p, head, N), kernel, scale).to(dtype)
-        w, l, strict = native_args(p)
         pad = native.padded_dim(D) - D  # zero columns change no score; the output's are cut off
         q, k, v = (F.pad(t.float(), (0, pad)) if pad else t.float() for t in (q, k, v))
-        o = native_attention(q, k, v, w, l, strict, scale)
+        o = tiles_attention(q, k, v, p, head, scale)
         return (o[..., :D] if pad else o).to(dtype)
 
     return by_head_groups(q, k, v, pats, run)

@@ -1,17 +1,18 @@
-/* Fused strided / local attention for the CPU, float32 (paper section 5.5).
+/* Fused sparse attention for the CPU, forward and backward, float32 (paper section 5.5).
  *
- * The strided pattern is computed in two passes over the sequence, as the
- * paper describes its kernels:
- *   local pass    query i attends keys i-w < j <= i, in tiles of TQ queries
- *                 that read one contiguous window of w + TQ - 1 keys;
+ * Any pattern, read from its description (patterns/tiles.py), in up to two passes:
+ *   tile pass     the queries in tiles of TQ; a tile reads a few intervals of
+ *                 keys, each contiguous in the sequence or in one gathered view
+ *                 (the summary columns of the fixed pattern), and each with its
+ *                 rule: every key, a causal band, or a byte mask;
  *   column pass   view the sequence as [N/l, l] and transpose it: column c
  *                 holds positions c, c+l, c+2l, ...; a query attends the
  *                 earlier positions of its column (strictly earlier when the
- *                 local pass already has the diagonal).
- * Each pass computes an exact softmax over all of its keys at once (a query
- * has at most w or N/l of them), and the column pass merges its result into
- * the local one through the log-sum-exps. Nothing of size N x N exists and no
- * tile above the diagonal is ever computed.
+ *                 tile pass already has the diagonal): strided's second factor.
+ * Each pass computes an exact softmax over all of its keys at once, and the
+ * column pass merges its result into the tile pass's through the log-sum-exps.
+ * Nothing of size N x N exists and no key outside the description is read:
+ * the upper triangle is never computed.
  *
  * Layout: q, k, v, o, do, dq, dk, dv are [BH][N][HD] contiguous float32;
  * lse is [BH][N]. N is a multiple of l for the column pass. HD (the head
@@ -334,7 +335,7 @@ static void scale_rows(float *O, int rows, const float *inv)
  * may attend keys lo[a]..hi[a]. Forward writes the normalised output to
  * Or and returns lse; backward adds into dQr, dKr, dVr. */
 typedef struct {
-    int N, w, l, strict;
+    int N, l, strict;
     float scale;
 } Shape;
 
@@ -364,48 +365,6 @@ static void tile_bwd(const float *Qr, const float *Kr, const float *Vr, const fl
     gemm_tn(rows, HD, W, dPt, TQ, Kr, HD, dQr, ldd, 1);               /* dQ += dS K      (rows, HD) */
     gemm_nn(W, HD, rows, St, TQ, dOr, HD, dVr, ldd, 1);               /* dV += P^T dO    (W, HD) */
     gemm_nn(W, HD, rows, dPt, TQ, Qr, HD, dKr, ldd, 1);               /* dK += dS^T Q    (W, HD) */
-}
-
-/* Local pass: queries r0..r0+TQ-1 attend keys i-w < j <= i, read as one window from j0. */
-static int local_window(const Shape *sh, int r0, TileScratch *ts, int *rows, int *j0)
-{
-    int r1 = imin(r0 + TQ, sh->N);
-    *rows = r1 - r0;
-    *j0 = imax(0, r0 - sh->w + 1);
-    for (int a = 0; a < TQ; a++) {
-        int i = r0 + a;
-        ts->lo[a] = a < *rows ? imax(0, i - sh->w + 1) - *j0 : 1;
-        ts->hi[a] = a < *rows ? i - *j0 : 0;
-    }
-    return r1 - *j0;
-}
-
-static void local_fwd(const Shape *sh, const float *Q, const float *K, const float *V, float *O, float *L, int r0, float *buf)
-{
-    TileScratch *ts = (TileScratch *)buf;
-    int rows, j0, W = local_window(sh, r0, ts, &rows, &j0);
-    tile_fwd(Q + (size_t)r0 * HD, K + (size_t)j0 * HD, V + (size_t)j0 * HD, rows, W, ts,
-             (float *)(ts + 1), O + (size_t)r0 * HD, sh->scale);
-    memcpy(L + r0, ts->lse, sizeof(float) * rows);
-}
-
-static void local_bwd(const Shape *sh, const float *Q, const float *K, const float *V, const float *dO,
-                      const float *L, const float *Dl, float *dQ, float *dK, float *dV, int r0, float *buf)
-{
-    TileScratch *ts = (TileScratch *)buf;
-    int rows, j0, W = local_window(sh, r0, ts, &rows, &j0);
-    for (int a = 0; a < TQ; a++) {
-        ts->lse[a] = a < rows ? L[r0 + a] : 0.f;
-        ts->delta[a] = a < rows ? Dl[r0 + a] : 0.f;
-    }
-    float *St = (float *)(ts + 1), *dPt = St + (size_t)(sh->w + TQ) * TQ;
-    tile_bwd(Q + (size_t)r0 * HD, K + (size_t)j0 * HD, V + (size_t)j0 * HD, dO + (size_t)r0 * HD, rows, W, ts,
-             St, dPt, dQ + (size_t)r0 * HD, dK + (size_t)j0 * HD, dV + (size_t)j0 * HD, HD, sh->scale);
-}
-
-static size_t local_buf_floats(int w)
-{
-    return sizeof(TileScratch) / sizeof(float) + 2 * (size_t)(w + TQ) * TQ + 64;
 }
 
 /* Column pass: the M = N / l positions c, c+l, ... of one column, gathered. */
@@ -522,80 +481,376 @@ static int col_pass(const Shape *sh, const Tensors *t, int BH, int nthreads, int
     return failed;
 }
 
-/* ------------------------------------------------------------ entry points
- * w: local window (0: no local pass); l: column stride (0: no column pass);
- * strict: the column pass leaves out the query's own position.
- * Returns 0, or -1 if scratch memory could not be allocated. */
-int st_forward(int BH, int N, int w, int l, int strict, float scale, int nthreads,
-               const float *q, const float *k, const float *v, float *o, float *lse)
+/* ------------------------------------------------------------ tile pass
+ * Any pattern, from its description (patterns/tiles.py): the queries are cut
+ * into tiles of TQ; tile t reads the key intervals iv[ptr[t]] .. iv[ptr[t+1]-1],
+ * each one contiguous either in the sequence itself (view 0) or in the
+ * gathered key view G (view 1: rows gpos[0..], gathered once per sequence).
+ * The intervals of a tile are disjoint, so one softmax over all of them is
+ * exact: no merge. Each interval says which of its keys a query may attend:
+ *   FULL      every key, every query of the tile;
+ *   BAND w    kpos <= qpos and (w == 0 or qpos - kpos < w) (causal, windowed);
+ *   MASK off  a TQ x len byte mask at masks + off (query-major).
+ * Scores of all intervals sit one after another in St (rows = keys), so each
+ * interval costs one GEMM per product, straight from its rows: nothing is copied. */
+enum { IV_FULL = 0, IV_BAND = 1, IV_MASK = 2 };
+
+typedef struct {
+    int N, ntiles, maxw, ng;
+    const int *ptr, *iv, *gpos; /* iv: [n][5] = view, start, end, kind, arg */
+    const uint8_t *masks;
+    float scale;
+} Desc;
+
+/* Per key row j of the tile: full[j] = every query may attend it, else the
+ * allowed lanes in Mt[j][0..TQ) (-1 / 0). Padded query lanes attend nothing. */
+static int tile_masks(const Desc *d, int t, int rows, int *full, int32_t *Mt)
 {
-    Shape sh = {N, w, l, strict, scale};
-    int failed = 0;
-    size_t NH = (size_t)N * HD;
-    if (w > 0) {
-        int tiles = (N + TQ - 1) / TQ;
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-        {
-            float *buf = malloc(sizeof(float) * local_buf_floats(w));
-            if (!buf) failed = 1;
-#pragma omp for schedule(dynamic, 4)
-            for (long it = 0; it < (long)BH * tiles; it++) {
-                if (!buf) continue;
-                long b = it / tiles;
-                local_fwd(&sh, q + b * NH, k + b * NH, v + b * NH, o + b * NH, lse + b * N, (int)(it % tiles) * TQ, buf);
+    int r0 = t * TQ, W = 0;
+    vi lane[TQ / VL], qpos[TQ / VL];
+    for (int v = 0; v < TQ / VL; v++)
+        for (int a = 0; a < VL; a++) { lane[v][a] = v * VL + a; qpos[v][a] = r0 + v * VL + a; }
+    for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
+        const int *e = d->iv + 5 * (size_t)x;
+        int view = e[0], s = e[1], len = e[2] - e[1], kind = e[3], arg = e[4];
+        /* BAND: the rows every real query may attend need no mask */
+        int lo_all = r0 + rows - 1 - (arg > 0 ? arg - 1 : r0 + rows), hi_all = r0;
+        for (int j = 0; j < len; j++, W++) {
+            int kpos = view ? d->gpos[s + j] : s + j;
+            if (kind == IV_FULL || (kind == IV_BAND && kpos <= hi_all && kpos >= lo_all)) { full[W] = 1; continue; }
+            full[W] = 0;
+            int32_t *m = Mt + (size_t)W * TQ;
+            for (int v = 0; v < TQ / VL; v++) {
+                vi ok;
+                if (kind == IV_BAND) {
+                    ok = (isplat(kpos) <= qpos[v]) & (lane[v] < isplat(rows));
+                    if (arg > 0) ok &= (qpos[v] - isplat(kpos)) < isplat(arg);
+                } else {
+                    for (int a = 0; a < VL; a++) {
+                        int q = v * VL + a;
+                        ok[a] = q < rows && d->masks[(size_t)arg + (size_t)q * len + j] ? -1 : 0;
+                    }
+                }
+                memcpy(m + v * VL, &ok, sizeof ok);
             }
-            free(buf);
         }
     }
+    return W;
+}
+
+static void softmax_masked(float *St, int W, const int *full, const int32_t *Mt, float *lse, float *inv)
+{
+    for (int v = 0; v < TQ / VL; v++) {
+        vf m = splat(-INFINITY), sum = splat(0.f);
+        for (int j = 0; j < W; j++) {
+            vf s = ld(St + (size_t)j * TQ + v * VL);
+            if (full[j]) { m = vmax(m, s); continue; }
+            vi ok;
+            memcpy(&ok, Mt + (size_t)j * TQ + v * VL, sizeof ok);
+            m = vmax(m, vsel(ok, s, splat(-INFINITY)));
+        }
+        for (int j = 0; j < W; j++) {
+            float *p = St + (size_t)j * TQ + v * VL;
+            vf e = vexp2(ld(p) - m);
+            if (!full[j]) {
+                vi ok;
+                memcpy(&ok, Mt + (size_t)j * TQ + v * VL, sizeof ok);
+                e = vand(e, ok);
+            }
+            sum += e;
+            st(p, e);
+        }
+        for (int t = 0; t < VL; t++) {
+            int a = v * VL + t;
+            lse[a] = sum[t] == 0 ? -INFINITY : (m[t] + log2f(sum[t])) * LN2;
+            inv[a] = sum[t] == 0 ? 0.f : 1.0f / sum[t];
+        }
+    }
+}
+
+static void grad_masked(float *St, float *dPt, int W, const int *full, const int32_t *Mt, float scale,
+                        const float *lse, const float *delta)
+{
+    for (int v = 0; v < TQ / VL; v++) {
+        vf L = ld(lse + v * VL) * LOG2E, D = ld(delta + v * VL);
+        vi fin = (L > splat(-INFINITY)) & (L < splat(INFINITY));
+        for (int j = 0; j < W; j++) {
+            float *ps = St + (size_t)j * TQ + v * VL, *pd = dPt + (size_t)j * TQ + v * VL;
+            vf p = vexp2(ld(ps) - L);
+            if (full[j]) {
+                st(ps, p);
+                st(pd, p * (ld(pd) - D) * scale);
+                continue;
+            }
+            vi ok;
+            memcpy(&ok, Mt + (size_t)j * TQ + v * VL, sizeof ok);
+            ok &= fin;
+            p = vand(p, ok);
+            st(ps, p);
+            st(pd, vand(p * (ld(pd) - D) * scale, ok));
+        }
+    }
+}
+
+/* One sequence's tensors for the tile pass; G* are its gathered views (ng rows). */
+typedef struct {
+    const float *q, *k, *v, *dout, *lse, *delta, *Gk, *Gv;
+    float *o, *lse_out, *dq, *dk, *dv, *dGk, *dGv;
+} Seq;
+
+typedef struct {
+    TileScratch ts;
+    int *full;
+    int32_t *Mt;
+    float *St, *dPt;
+} TileBuf;
+
+static TileBuf *tilebuf_new(int maxw)
+{
+    size_t w = (size_t)imax(maxw, 1);
+    TileBuf *b = malloc(sizeof(TileBuf));
+    if (!b) return NULL;
+    b->full = malloc(sizeof(int) * w);
+    b->Mt = malloc(sizeof(int32_t) * w * TQ);
+    b->St = malloc(sizeof(float) * w * TQ);
+    b->dPt = malloc(sizeof(float) * w * TQ);
+    if (!b->full || !b->Mt || !b->St || !b->dPt) {
+        free(b->full); free(b->Mt); free(b->St); free(b->dPt); free(b);
+        return NULL;
+    }
+    return b;
+}
+
+static void tilebuf_free(TileBuf *b)
+{
+    if (b) { free(b->full); free(b->Mt); free(b->St); free(b->dPt); free(b); }
+}
+
+/* The rows of interval e: keys, values and (backward) their gradient rows. */
+static void segment(const Desc *d, const Seq *s, const int *e, const float **K, const float **V, float **dK, float **dV)
+{
+    size_t off = (size_t)e[1] * HD;
+    *K = (e[0] ? s->Gk : s->k) + off;
+    *V = (e[0] ? s->Gv : s->v) + off;
+    if (dK) { *dK = (e[0] ? s->dGk : s->dk) + off; *dV = (e[0] ? s->dGv : s->dv) + off; }
+}
+
+static void tiles_fwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
+{
+    int r0 = t * TQ, rows = imin(TQ, d->N - r0);
+    TileScratch *ts = &b->ts;
+    float *Or = s->o + (size_t)r0 * HD;
+    int W = tile_masks(d, t, rows, b->full, b->Mt);
+    if (W == 0) {
+        memset(Or, 0, sizeof(float) * rows * HD);
+        for (int a = 0; a < rows; a++) s->lse_out[r0 + a] = -INFINITY;
+        return;
+    }
+    transpose_tile(s->q + (size_t)r0 * HD, rows, ts->Qt, d->scale * LOG2E);
+    int j = 0;
+    for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
+        const int *e = d->iv + 5 * (size_t)x;
+        const float *K, *V;
+        segment(d, s, e, &K, &V, NULL, NULL);
+        gemm_nn(e[2] - e[1], TQ, HD, K, HD, ts->Qt, TQ, b->St + (size_t)j * TQ, TQ, 0);  /* S^T = K Q^T */
+        j += e[2] - e[1];
+    }
+    softmax_masked(b->St, W, b->full, b->Mt, ts->lse, ts->inv);
+    j = 0;
+    for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
+        const int *e = d->iv + 5 * (size_t)x;
+        const float *K, *V;
+        segment(d, s, e, &K, &V, NULL, NULL);
+        gemm_tn(rows, HD, e[2] - e[1], b->St + (size_t)j * TQ, TQ, V, HD, Or, HD, j > 0);  /* O += P V */
+        j += e[2] - e[1];
+    }
+    scale_rows(Or, rows, ts->inv);
+    memcpy(s->lse_out + r0, ts->lse, sizeof(float) * rows);
+}
+
+static void tiles_bwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
+{
+    int r0 = t * TQ, rows = imin(TQ, d->N - r0);
+    TileScratch *ts = &b->ts;
+    int W = tile_masks(d, t, rows, b->full, b->Mt);
+    if (W == 0) return;
+    for (int a = 0; a < TQ; a++) {
+        ts->lse[a] = a < rows ? s->lse[r0 + a] : 0.f;
+        ts->delta[a] = a < rows ? s->delta[r0 + a] : 0.f;
+    }
+    const float *Qr = s->q + (size_t)r0 * HD, *dOr = s->dout + (size_t)r0 * HD;
+    transpose_tile(Qr, rows, ts->Qt, d->scale * LOG2E);
+    transpose_tile(dOr, rows, ts->dOt, 1.0f);
+    int j = 0;
+    for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
+        const int *e = d->iv + 5 * (size_t)x;
+        const float *K, *V;
+        segment(d, s, e, &K, &V, NULL, NULL);
+        gemm_nn(e[2] - e[1], TQ, HD, K, HD, ts->Qt, TQ, b->St + (size_t)j * TQ, TQ, 0);    /* S^T  = K Q^T  */
+        gemm_nn(e[2] - e[1], TQ, HD, V, HD, ts->dOt, TQ, b->dPt + (size_t)j * TQ, TQ, 0);  /* dP^T = V dO^T */
+        j += e[2] - e[1];
+    }
+    grad_masked(b->St, b->dPt, W, b->full, b->Mt, d->scale, ts->lse, ts->delta);
+    float *dQr = s->dq + (size_t)r0 * HD;
+    j = 0;
+    for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
+        const int *e = d->iv + 5 * (size_t)x;
+        const float *K, *V;
+        float *dK, *dV;
+        int len = e[2] - e[1];
+        segment(d, s, e, &K, &V, &dK, &dV);
+        gemm_tn(rows, HD, len, b->dPt + (size_t)j * TQ, TQ, K, HD, dQr, HD, 1);  /* dQ += dS K    */
+        gemm_nn(len, HD, rows, b->St + (size_t)j * TQ, TQ, dOr, HD, dV, HD, 1);  /* dV += P^T dO  */
+        gemm_nn(len, HD, rows, b->dPt + (size_t)j * TQ, TQ, Qr, HD, dK, HD, 1);  /* dK += dS^T Q  */
+        j += e[2] - e[1];
+    }
+}
+
+static void gather_rows(const float *X, const int *pos, int n, float *dst)
+{
+    for (int g = 0; g < n; g++) memcpy(dst + (size_t)g * HD, X + (size_t)pos[g] * HD, sizeof(float) * HD);
+}
+
+static void scatter_add_rows(float *X, const int *pos, int n, const float *src)
+{
+    for (int g = 0; g < n; g++)
+        for (int c = 0; c < HD; c += VL) st(X + (size_t)pos[g] * HD + c, ld(X + (size_t)pos[g] * HD + c) + ld(src + (size_t)g * HD + c));
+}
+
+/* Forward over all sequences: the views of each sequence are gathered once, then
+ * the tiles run in parallel (they only read). */
+static int tiles_forward(const Desc *d, int BH, int nthreads, const float *q, const float *k, const float *v,
+                         float *o, float *lse)
+{
+    size_t NH = (size_t)d->N * HD;
+    float *G = d->ng ? malloc(sizeof(float) * (size_t)BH * d->ng * HD * 2) : NULL;
+    int failed = d->ng && !G;
+    if (!failed && d->ng) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (long b = 0; b < BH; b++) {
+            gather_rows(k + b * NH, d->gpos, d->ng, G + (size_t)b * d->ng * HD * 2);
+            gather_rows(v + b * NH, d->gpos, d->ng, G + ((size_t)b * 2 + 1) * d->ng * HD);
+        }
+    }
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        TileBuf *buf = failed ? NULL : tilebuf_new(d->maxw);
+        if (!buf) failed = 1;
+#pragma omp for schedule(dynamic, 4)
+        for (long it = 0; it < (long)BH * d->ntiles; it++) {
+            if (!buf) continue;
+            long b = it / d->ntiles;
+            float *gb = G ? G + (size_t)b * d->ng * HD * 2 : NULL;
+            Seq s = {q + b * NH, k + b * NH, v + b * NH, NULL, NULL, NULL, gb, gb ? gb + (size_t)d->ng * HD : NULL,
+                     o + b * NH, lse + b * d->N, NULL, NULL, NULL, NULL, NULL};
+            tiles_fwd_one(d, &s, (int)(it % d->ntiles), buf);
+        }
+        tilebuf_free(buf);
+    }
+    free(G);
+    return failed;
+}
+
+/* Backward of all tiles of one sequence: gradients go to the rows of s. */
+static void tiles_bwd_seq(const Desc *d, const Seq *s, TileBuf *buf)
+{
+    for (int t = 0; t < d->ntiles; t++) tiles_bwd_one(d, s, t, buf);
+}
+
+/* Backward. The tiles of one sequence add into the same key rows, so either each thread owns
+ * whole sequences (BH >= threads), or the threads share one sequence, each with private key
+ * and value gradients, summed after. Gathered views: their gradients are added to their rows. */
+static int tiles_backward(const Desc *d, int BH, int nthreads, const float *q, const float *k, const float *v,
+                          const float *dout, const float *lse, const float *delta, float *dq, float *dk, float *dv)
+{
+    size_t NH = (size_t)d->N * HD, GH = (size_t)d->ng * HD;
+    int failed = 0;
+    if (BH >= nthreads) {
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+        {
+            TileBuf *buf = tilebuf_new(d->maxw);
+            float *G = malloc(sizeof(float) * (4 * GH + 16));
+            if (!buf || !G) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+            for (long b = 0; b < BH; b++) {
+                if (!buf || !G) continue;
+                Seq s = {q + b * NH, k + b * NH, v + b * NH, dout + b * NH, lse + b * d->N, delta + b * d->N,
+                         G, G + GH, NULL, NULL, dq + b * NH, dk + b * NH, dv + b * NH, G + 2 * GH, G + 3 * GH};
+                gather_rows(s.k, d->gpos, d->ng, G);
+                gather_rows(s.v, d->gpos, d->ng, G + GH);
+                memset(G + 2 * GH, 0, sizeof(float) * 2 * GH);
+                tiles_bwd_seq(d, &s, buf);
+                scatter_add_rows(s.dk, d->gpos, d->ng, s.dGk);
+                scatter_add_rows(s.dv, d->gpos, d->ng, s.dGv);
+            }
+            free(G);
+            tilebuf_free(buf);
+        }
+        return failed;
+    }
+    float *G = malloc(sizeof(float) * (2 * GH + 16));
+    if (!G) return 1;
+    for (long b = 0; b < BH && !failed; b++) {
+        gather_rows(k + b * NH, d->gpos, d->ng, G);
+        gather_rows(v + b * NH, d->gpos, d->ng, G + GH);
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+        {
+            TileBuf *buf = tilebuf_new(d->maxw);
+            float *P = calloc(2 * NH + 2 * GH + 16, sizeof(float)); /* private dK, dV, dGk, dGv */
+            if (!buf || !P) failed = 1;
+            Seq s = {q + b * NH, k + b * NH, v + b * NH, dout + b * NH, lse + b * d->N, delta + b * d->N,
+                     G, G + GH, NULL, NULL, dq + b * NH, P, P + NH, P + 2 * NH, P + 2 * NH + GH};
+#pragma omp for schedule(dynamic, 4)
+            for (int t = 0; t < d->ntiles; t++)
+                if (buf && P) tiles_bwd_one(d, &s, t, buf);
+            if (buf && P) {
+                scatter_add_rows(s.dk, d->gpos, d->ng, s.dGk);
+                scatter_add_rows(s.dv, d->gpos, d->ng, s.dGv);
+#pragma omp critical
+                for (size_t i = 0; i < NH; i++) { dk[b * NH + i] += P[i]; dv[b * NH + i] += P[NH + i]; }
+            }
+            free(P);
+            tilebuf_free(buf);
+        }
+    }
+    free(G);
+    return failed;
+}
+
+/* ------------------------------------------------------------ entry points
+ * The tile pass, then (l > 0) the column pass of stride l merged into it through the
+ * log-sum-exps (Strided: a band of w plus the columns). Returns 0, or -1 without memory. */
+int st_tiles_forward(int BH, int N, int ntiles, int maxw, int ng, const int *ptr, const int *iv, const int *gpos,
+                     const uint8_t *masks, int l, int strict, float scale, int nthreads,
+                     const float *q, const float *k, const float *v, float *o, float *lse)
+{
+    Desc d = {N, ntiles, maxw, ng, ptr, iv, gpos, masks, scale};
+    Shape sh = {N, l, strict, scale};
+    int failed = ntiles > 0 ? tiles_forward(&d, BH, nthreads, q, k, v, o, lse) : 0;
     if (l > 0 && !failed) {
         Tensors t = {q, k, v, NULL, NULL, NULL, o, lse, NULL, NULL, NULL};
-        failed = col_pass(&sh, &t, BH, nthreads, 0, w > 0);
+        failed = col_pass(&sh, &t, BH, nthreads, 0, ntiles > 0);
     }
     return failed ? -1 : 0;
 }
 
-int st_backward(int BH, int N, int w, int l, int strict, float scale, int nthreads,
-                const float *q, const float *k, const float *v, const float *o, const float *dout,
-                const float *lse, float *dq, float *dk, float *dv)
+int st_tiles_backward(int BH, int N, int ntiles, int maxw, int ng, const int *ptr, const int *iv, const int *gpos,
+                      const uint8_t *masks, int l, int strict, float scale, int nthreads,
+                      const float *q, const float *k, const float *v, const float *o, const float *dout,
+                      const float *lse, float *dq, float *dk, float *dv)
 {
-    Shape sh = {N, w, l, strict, scale};
-    int failed = 0;
-    size_t NH = (size_t)N * HD;
+    Desc d = {N, ntiles, maxw, ng, ptr, iv, gpos, masks, scale};
+    Shape sh = {N, l, strict, scale};
     float *delta = malloc(sizeof(float) * (size_t)BH * N);
     if (!delta) return -1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long i = 0; i < (long)BH * N; i++) {
         const float *a = o + i * HD, *b = dout + i * HD;
         float s = 0;
-        for (int d = 0; d < HD; d++) s += a[d] * b[d];
+        for (int c = 0; c < HD; c++) s += a[c] * b[c];
         delta[i] = s;
     }
-    if (w > 0) {
-        /* Chunks of at least w queries: a chunk's keys reach back into the previous
-         * chunk only, so the even chunks, then the odd ones, run without races. */
-        int tiles = (N + TQ - 1) / TQ;
-        int per = imax((w + TQ - 1) / TQ, 16);
-        int chunks = (tiles + per - 1) / per;
-        for (int phase = 0; phase < 2 && !failed; phase++) {
-            int half = (chunks + 1 - phase) / 2;
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-            {
-                float *buf = malloc(sizeof(float) * local_buf_floats(w));
-                if (!buf) failed = 1;
-#pragma omp for schedule(dynamic, 1)
-                for (long it = 0; it < (long)BH * half; it++) {
-                    if (!buf) continue;
-                    long b = it / half;
-                    int ch = 2 * (int)(it % half) + phase;
-                    int t1 = imin(tiles, (ch + 1) * per);
-                    for (int t = ch * per; t < t1; t++)
-                        local_bwd(&sh, q + b * NH, k + b * NH, v + b * NH, dout + b * NH, lse + b * N, delta + b * N,
-                                  dq + b * NH, dk + b * NH, dv + b * NH, t * TQ, buf);
-                }
-                free(buf);
-            }
-        }
-    }
+    int failed = ntiles > 0 ? tiles_backward(&d, BH, nthreads, q, k, v, dout, lse, delta, dq, dk, dv) : 0;
     if (l > 0 && !failed) {
         Tensors t = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv};
         failed = col_pass(&sh, &t, BH, nthreads, 1, 0);
@@ -604,3 +859,4 @@ int st_backward(int BH, int N, int w, int l, int strict, float scale, int nthrea
     return failed ? -1 : 0;
 }
 
+int st_query_tile(void) { return TQ; }

@@ -1,4 +1,4 @@
-"""The fused CPU kernel for local and strided attention (``native.c``, section 5.5).
+"""The fused CPU kernel for any pattern, from its description (``native.c``, section 5.5).
 
 The C source ships with the package and is compiled on first use with the
 system's C compiler (``$CC``, else ``cc``), one library per head width, cached
@@ -24,13 +24,15 @@ the libomp that PyTorch ships (``-Xpreprocessor -fopenmp -lomp``).
 
 When there is no compiler, or the build fails, ``load`` warns once and returns
 None, and the attention runs on the fused-SDPA decomposition instead (exact,
-2-10x slower for Strided(128) at N=16384). Set ``SPARSE_TRANSFORMER_NATIVE=0``
+2-10x slower for Strided(128) and Fixed(128, 16) at N=16384). Set ``SPARSE_TRANSFORMER_NATIVE=0``
 to turn the kernel off.
 
 The kernel computes in float32 (other dtypes are converted by the caller) on
 head widths that are multiples of 16 (the caller pads others with zeros).
+It reads a pattern through its description (``patterns/tiles.py``: key intervals per
+tile of queries, plus strided's transposed layout), built for the kernel's query tile.
 Forward and backward are registered as the custom operators
-``sparse_transformer::native_fwd`` / ``native_bwd`` with an autograd formula,
+``sparse_transformer::tiles_fwd`` / ``tiles_bwd`` with an autograd formula,
 so ``torch.compile`` traces through the attention without a graph break.
 """
 from __future__ import annotations
@@ -159,9 +161,10 @@ def load(head_dim: int) -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build(head_dim)))
         ptr, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        lib.st_forward.argtypes = [i, i, i, i, i, f, i] + [ptr] * 5
-        lib.st_backward.argtypes = [i, i, i, i, i, f, i] + [ptr] * 9
-        lib.st_forward.restype = lib.st_backward.restype = lib.st_vector_width.restype = i
+        lib.st_vector_width.restype = i
+        lib.st_tiles_forward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, f, i] + [ptr] * 5
+        lib.st_tiles_backward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, f, i] + [ptr] * 9
+        lib.st_tiles_forward.restype = lib.st_tiles_backward.restype = lib.st_query_tile.restype = i
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         warn_once(
             "build",
@@ -210,70 +213,116 @@ def _check(rc: int) -> None:
         raise MemoryError("native attention kernel: out of memory for its scratch buffers")
 
 
+@torch.compiler.assume_constant_result
+def query_tile(head_dim: int = 64) -> int:
+    """The kernel's tile of queries (32 with AVX-512, 16 otherwise): descriptions are built for it."""
+    return _built(head_dim).st_query_tile()
+
+
+# Descriptions by key: the custom operators take a string (an operator cannot take a pattern), the
+# pattern's spec (patterns/registry.py) with the length, tile and head, so that torch.compile treats
+# the description as a constant and the kernel as one opaque node. A pattern class that is not
+# registered is kept by object here (eager mode only: torch.compile needs a registered pattern).
+_OBJECTS: dict[str, object] = {}
+
+
+def _pattern_token(pattern) -> str:
+    from ..patterns.registry import is_registered, spec
+
+    if is_registered(pattern):
+        return spec(pattern)
+    token = f"object#{id(pattern)}"
+    _OBJECTS[token] = pattern
+    return token
+
+
+@torch.compiler.assume_constant_result
+def _description_key(token: str, n: int, tile: int, head: int) -> str:
+    from ..patterns.tiles import describe
+
+    cols = describe(_pattern(token), n, tile, head).columns
+    N = n + (-n % cols[0] if cols else 0)  # the column layout wants a multiple of its stride
+    return f"{token}|{N}|{tile}|{head}"
+
+
+def _pattern(token: str):
+    from ..patterns.registry import parse
+
+    return _OBJECTS[token] if token.startswith("object#") else parse(token)
+
+
+def _tiles(key: str):
+    from ..patterns.tiles import describe
+
+    token, N, tile, head = key.rsplit("|", 3)
+    return describe(_pattern(token), int(N), int(tile), int(head))
+
+
+def _desc(key: str) -> list:
+    t = _tiles(key)
+    l, strict = t.columns or (0, False)
+    return [t.ntiles, max(1, t.max_keys), t.gather.numel(), *map(_ptr, (t.ptr, t.iv, t.gather, t.masks)), l,
+            int(strict)]
+
+
 # The kernel as two custom operators with a registered autograd formula, so that
 # torch.compile sees them as opaque nodes instead of breaking its graph at ctypes.
-@torch.library.custom_op("sparse_transformer::native_fwd", mutates_args=())
-def native_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, l: int, strict: bool, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v (BH, N, D) contiguous float32, N a multiple of l -> o (BH, N, D) and log-sum-exps (BH, N)."""
+@torch.library.custom_op("sparse_transformer::tiles_fwd", mutates_args=())
+def tiles_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v (BH, N, D) contiguous float32 and a description's key -> o, lse (BH, N)."""
     lib = _built(q.shape[-1])
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32)
-    _check(lib.st_forward(q.shape[0], q.shape[1], w, l, int(strict), scale, torch.get_num_threads(),
-                          *map(_ptr, (q, k, v, o, lse))))
+    _check(lib.st_tiles_forward(q.shape[0], q.shape[1], *_desc(key), scale, torch.get_num_threads(),
+                                *map(_ptr, (q, k, v, o, lse))))
     return o, lse
 
 
-@native_fwd.register_fake
-def _(q, k, v, w, l, strict, scale):
+@tiles_fwd.register_fake
+def _(q, k, v, key, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:2])
 
 
-@torch.library.custom_op("sparse_transformer::native_bwd", mutates_args=())
-def native_bwd(
+@torch.library.custom_op("sparse_transformer::tiles_bwd", mutates_args=())
+def tiles_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
-    w: int, l: int, strict: bool, scale: float,
+    key: str, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of q, k, v (each (BH, N, D)) given the output gradient ``do``."""
     lib = _built(q.shape[-1])
     dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
-    _check(lib.st_backward(q.shape[0], q.shape[1], w, l, int(strict), scale, torch.get_num_threads(),
-                           *map(_ptr, (q, k, v, o, do, lse, dq, dk, dv))))
+    _check(lib.st_tiles_backward(q.shape[0], q.shape[1], *_desc(key), scale, torch.get_num_threads(),
+                                 *map(_ptr, (q, k, v, o, do, lse, dq, dk, dv))))
     return dq, dk, dv
 
 
-@native_bwd.register_fake
-def _(q, k, v, o, do, lse, w, l, strict, scale):
+@tiles_bwd.register_fake
+def _(q, k, v, o, do, lse, key, scale):
     return torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, w, l, strict, scale = inputs
+def _tiles_setup(ctx, inputs, output) -> None:
+    q, k, v, key, scale = inputs
     ctx.save_for_backward(q, k, v, *output)
-    ctx.args = (w, l, strict, scale)
+    ctx.args = (key, scale)
 
 
-def _backward(ctx, do, _dlse):
+def _tiles_backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = native_bwd(q, k, v, o, do.contiguous(), lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = tiles_bwd(q, k, v, o, do.contiguous(), lse, *ctx.args)
+    return dq, dk, dv, None, None
 
 
-native_fwd.register_autograd(_backward, setup_context=_setup_context)
+tiles_fwd.register_autograd(_tiles_backward, setup_context=_tiles_setup)
 
 
-def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, l: int, strict: bool,
-                     scale: float) -> torch.Tensor:
-    """Local window ``w`` (0: none) plus the strided columns of stride ``l`` (0: none).
-
-    q, k, v [B, H, n, D] float32 on the CPU, D a kernel width (``padded_dim``),
-    the kernel for it loaded; returns [B, H, n, D].
-    """
+def tiles_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, head: int,
+                    scale: float) -> torch.Tensor:
+    """Any pattern on the kernel, from its description; q, k, v [B, H, n, D] float32 on the CPU,
+    D a kernel width (``padded_dim``), the kernel loaded; returns [B, H, n, D]."""
     B, H, n, D = q.shape
-    pad = -n % l if l else 0
-    N = n + pad
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
+    key = _description_key(_pattern_token(pattern), n, query_tile(D), head)
+    N = int(key.split("|")[-3])
+    q, k, v = (F.pad(t, (0, 0, 0, N - n)) if N > n else t for t in (q, k, v))
     q, k, v = (t.reshape(B * H, N, D).contiguous() for t in (q, k, v))
-    o, _ = native_fwd(q, k, v, w, l, strict, scale)
+    o, _ = tiles_fwd(q, k, v, key, scale)
     return o.view(B, H, N, D)[:, :, :n]

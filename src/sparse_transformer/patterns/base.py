@@ -6,8 +6,12 @@ activations: ``attention/`` turns it into dense sub-problems.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .tiles import Tiles
 
 
 def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -50,6 +54,15 @@ class Pattern:
         """
         j = torch.arange(i + 1)
         return j[self.allowed(torch.tensor(i), j, head)]
+
+    def tiles(self, n: int, tile: int, head: int = 0) -> "Tiles":
+        """The description the fused kernel reads (tiles.py): key intervals per tile of queries.
+
+        The default evaluates ``allowed`` once per tile (O(n^2) work, like a block mask);
+        patterns with a closed form override it with an O(n / tile) one."""
+        from .tiles import from_allowed
+
+        return from_allowed(lambda i, j: self.allowed(i, j, head), n, tile)
 
     # ------------------------------------------------------------------ derived
     def mask(self, n: int, head: int = 0) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 
 from .base import Pattern
 from .registry import register
+from .tiles import band
 
 
 @register("dense")
@@ -22,3 +23,6 @@ class Dense(Pattern):
 
     def row_keys(self, i, head=0):
         return torch.arange(i + 1)
+
+    def tiles(self, n, tile, head=0):
+        return band(n, tile, 0)

@@ -13,6 +13,7 @@ import torch
 
 from .base import Pattern, check_int
 from .registry import register
+from .tiles import BAND, FULL, MASK, Tiles, from_intervals
 
 
 def _summary_start(stride: int, c: int, distinct_heads: bool, head: int) -> int:
@@ -25,6 +26,44 @@ def _summary_keys(stride: int, c: int, start: int, end: int) -> torch.Tensor:
     blocks = torch.arange(0, end, stride)
     keys = (blocks[:, None] + torch.arange(start, start + c)[None, :]).reshape(-1)
     return keys[keys < end]
+
+
+def _fixed_tiles(pattern: Pattern, n: int, tile: int, head: int, summaries: bool, own_start: int | None) -> Tiles:
+    """The fixed family in O(n / tile) (tiles.py): the summary columns of the blocks before a tile's
+    first block as one FULL interval of a gathered view (``summaries``), then the tile's own block
+    from ``own_start`` (an offset; None = from 0, the whole block causally). A tile that straddles
+    two blocks (when ``tile`` does not divide ``stride``) gets an exact byte mask over its blocks."""
+    l = pattern.stride
+    c = getattr(pattern, "c", 0)
+    s0 = pattern.summary_start(head) if summaries else 0
+    r0 = torch.arange(0, n, tile)
+    r1 = torch.clamp(r0 + tile, max=n)
+    b0, b1 = r0 // l, (r1 - 1) // l
+    t = torch.arange(len(r0))
+    z = torch.zeros_like(r0)
+    own0 = b0 * l + (own_start if own_start is not None else 0)
+    own1 = torch.clamp(b0 * l + (own_start + c if own_start is not None else l), max=r1)
+    own1 = torch.where(b0 == b1, own1, r1)
+    own0 = torch.where(b0 == b1, own0, b0 * l)
+    kind, arg, pool, offset = z + BAND, z.clone(), [], 0
+    for x in torch.nonzero(b0 != b1).flatten().tolist():  # straddling tiles only
+        i = torch.arange(int(r0[x]), int(r1[x]))[:, None]
+        j = torch.arange(int(own0[x]), int(own1[x]))[None, :]
+        m = pattern.allowed(i, j, head) & (j // l >= int(b0[x]))
+        kind[x], arg[x] = MASK, offset
+        pool.append(m.reshape(-1).to(torch.uint8))
+        offset += m.numel()
+    masks = torch.cat(pool) if pool else None
+    if not summaries:
+        return from_intervals(n, tile, t, z, own0, own1, kind, arg, masks=masks)
+    gather = (torch.arange(max(0, (n - 1) // l))[:, None] * l + s0 + torch.arange(c)[None, :]).reshape(-1)
+    tiles = torch.stack([t, t], 1).reshape(-1)
+    view = torch.stack([z + 1, z], 1).reshape(-1)
+    start = torch.stack([z, own0], 1).reshape(-1)
+    end = torch.stack([b0 * c, own1], 1).reshape(-1)
+    kinds = torch.stack([z + FULL, kind], 1).reshape(-1)
+    args = torch.stack([z, arg], 1).reshape(-1)
+    return from_intervals(n, tile, tiles, view, start, end, kinds, args, gather=gather, masks=masks)
 
 
 def _check(stride: int, c: int) -> None:
@@ -50,6 +89,9 @@ class FixedBlock(Pattern):
 
     def row_keys(self, i, head=0):
         return torch.arange(i - i % self.stride, i + 1)
+
+    def tiles(self, n, tile, head=0):
+        return _fixed_tiles(self, n, tile, head, summaries=False, own_start=None)
 
 
 @register("fixed_summary", "stride", "c", "distinct_heads")
@@ -83,6 +125,9 @@ class FixedSummary(Pattern):
 
     def row_keys(self, i, head=0):
         return _summary_keys(self.stride, self.c, self.summary_start(head), i + 1)
+
+    def tiles(self, n, tile, head=0):
+        return _fixed_tiles(self, n, tile, head, summaries=True, own_start=self.summary_start(head))
 
 
 @register("fixed", "stride", "c", "distinct_heads")
@@ -121,3 +166,6 @@ class Fixed(Pattern):
 
     def factors(self):
         return (FixedBlock(self.stride), FixedSummary(self.stride, self.c, self.distinct_heads))
+
+    def tiles(self, n, tile, head=0):
+        return _fixed_tiles(self, n, tile, head, summaries=True, own_start=None)

@@ -7,6 +7,7 @@ import torch
 
 from .base import Pattern, check_int
 from .registry import register
+from .tiles import band
 
 
 @register("local", "window")
@@ -27,3 +28,6 @@ class Local(Pattern):
 
     def row_keys(self, i, head=0):
         return torch.arange(max(0, i - self.window + 1), i + 1)
+
+    def tiles(self, n, tile, head=0):
+        return band(n, tile, self.window)

@@ -81,6 +81,10 @@ def parse(spec: str) -> Pattern:
         raise ValueError(f"{spec!r}: {e}") from None
 
 
+def is_registered(pattern: Pattern) -> bool:
+    return any(type(pattern) is cls for cls, _ in _REGISTRY.values())
+
+
 def spec(pattern: Pattern) -> str:
     """The spec that ``parse`` turns back into ``pattern`` (registered classes only)."""
     cls = type(pattern)

@@ -12,6 +12,7 @@ import torch
 from .base import Pattern, check_int
 from .local import Local
 from .registry import register
+from .tiles import band, from_intervals
 
 
 @register("strided_columns", "stride")
@@ -32,6 +33,11 @@ class StridedColumns(Pattern):
 
     def row_keys(self, i, head=0):
         return torch.arange(i % self.stride, i + 1, self.stride)
+
+    def tiles(self, n, tile, head=0):
+        """No tile intervals: only the transposed layout, diagonal included (section 5.5)."""
+        none = torch.zeros(0, dtype=torch.long)
+        return from_intervals(n, tile, none, none, none, none, none, none, columns=(self.stride, False))
 
 
 @register("strided", "stride")
@@ -60,3 +66,7 @@ class Strided(Pattern):
 
     def factors(self):
         return (Local(self.stride), StridedColumns(self.stride))
+
+    def tiles(self, n, tile, head=0):
+        """The band of ``stride`` in tiles, plus the columns in the transposed layout (section 5.5)."""
+        return band(n, tile, self.stride, columns=(self.stride, True))

@@ -1,0 +1,174 @@
+"""A pattern's description: the key intervals of each tile of queries (paper section 5.5).
+
+The fused CPU kernel (``attention/native.c``) and the pictures read a pattern through this
+description only. The queries are cut into tiles of ``tile`` consecutive positions; tile t
+reads a few intervals of keys, each contiguous either
+
+- in the sequence itself (view 0), or
+- in one gathered key view (view 1): the positions ``gather`` (the summary columns of the
+  fixed pattern, the global tokens of BigBird), copied once per sequence,
+
+and each says which of its keys a query may attend:
+
+- ``FULL``: all of them, for every query of the tile;
+- ``BAND`` w: key position <= query position and, if w > 0, query - key < w;
+- ``MASK``: a [rows, len] byte mask in the ``masks`` pool (the cut tiles of a predicate).
+
+The intervals of a tile are disjoint, so the kernel takes one softmax over all of them.
+Optionally a second layout, ``columns = (stride, strict)``: the sequence viewed as
+[N/l, l] and transposed, where the strided columns are a local window (section 5.5); its
+result is merged with the tiles' through the log-sum-exps.
+
+The closed forms of the paper's patterns cost O(N / tile) to build; ``from_allowed`` builds
+the description of any ``allowed`` predicate by evaluating it once per tile (O(N^2) work,
+O(N / tile) intervals plus the cut tiles' masks).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+FULL, BAND, MASK = 0, 1, 2
+
+
+@dataclass(frozen=True, eq=False)
+class Tiles:
+    """The key intervals of every tile of ``tile`` queries, for a sequence of length ``n``."""
+
+    n: int
+    tile: int
+    ptr: torch.Tensor  # int32 [ntiles + 1]: tile t has intervals iv[ptr[t]:ptr[t+1]]
+    iv: torch.Tensor  # int32 [n_iv, 5]: view, start, end, kind, arg (BAND: window, 0 = none; MASK: pool offset)
+    gather: torch.Tensor  # int32 [ng]: the positions of view 1
+    masks: torch.Tensor  # uint8 pool of the MASK intervals
+    columns: tuple[int, bool] | None = None  # (stride, strict): the transposed layout, merged after
+
+    @property
+    def ntiles(self) -> int:
+        return self.ptr.numel() - 1
+
+    @functools.cached_property
+    def max_keys(self) -> int:
+        """The most keys one tile reads (the kernel's scratch size)."""
+        if self.iv.numel() == 0:
+            return 0
+        lens = (self.iv[:, 2] - self.iv[:, 1]).long()
+        tile_of = torch.repeat_interleave(torch.arange(self.ntiles), (self.ptr[1:] - self.ptr[:-1]).long())
+        return int(torch.zeros(self.ntiles, dtype=torch.long).index_add_(0, tile_of, lens).max())
+
+    def coverage(self) -> torch.Tensor:
+        """int32 [n, n]: how many times each (query, key) pair is computed, columns included.
+
+        A correct description gives exactly the pattern's mask: 1 where allowed, 0 elsewhere.
+        O(n^2): for tests and pictures."""
+        n, T = self.n, self.tile
+        out = torch.zeros(n, n, dtype=torch.int32)
+        for t in range(self.ntiles):
+            q = torch.arange(t * T, min(n, (t + 1) * T))
+            for view, s, e, kind, arg in self.iv[self.ptr[t] : self.ptr[t + 1]].tolist():
+                k = torch.arange(s, e) if view == 0 else self.gather[s:e].long()
+                if kind == FULL:
+                    ok = torch.ones(len(q), len(k), dtype=torch.bool)
+                elif kind == BAND:
+                    d = q[:, None] - k[None, :]
+                    ok = (d >= 0) & ((d < arg) if arg > 0 else True)
+                else:
+                    ok = self.masks[arg : arg + len(q) * len(k)].view(len(q), len(k)).bool()
+                out[q[:, None], k[None, :]] += ok.int()
+        if self.columns:
+            l, strict = self.columns
+            i = torch.arange(n)
+            d = i[:, None] - i[None, :]
+            out += ((d >= (l if strict else 0)) & (d % l == 0)).int()
+        return out
+
+
+def from_intervals(n: int, tile: int, tile_of: torch.Tensor, view: torch.Tensor, start: torch.Tensor,
+                   end: torch.Tensor, kind: torch.Tensor, arg: torch.Tensor, gather: torch.Tensor | None = None,
+                   masks: torch.Tensor | None = None, columns: tuple[int, bool] | None = None) -> Tiles:
+    """A description from one entry per interval (tensors of equal length, sorted by ``tile_of``);
+    empty intervals are dropped."""
+    keep = end > start
+    cols = [t[keep].to(torch.int32) for t in (view, start, end, kind, arg)]
+    ntiles = -(-n // tile)
+    counts = torch.bincount(tile_of[keep].long(), minlength=ntiles)
+    ptr = torch.zeros(ntiles + 1, dtype=torch.int32)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return Tiles(n, tile, ptr, torch.stack(cols, 1).contiguous() if cols[0].numel() else torch.zeros(0, 5, dtype=torch.int32),
+                 (gather if gather is not None else torch.zeros(0)).to(torch.int32).contiguous(),
+                 masks if masks is not None else torch.zeros(0, dtype=torch.uint8), columns)
+
+
+def band(n: int, tile: int, window: int, columns: tuple[int, bool] | None = None) -> Tiles:
+    """i - window < j <= i (window 0: every j <= i): one interval per tile."""
+    r0 = torch.arange(0, n, tile)
+    r1 = torch.clamp(r0 + tile, max=n)
+    start = torch.clamp(r0 - window + 1, min=0) if window else torch.zeros_like(r0)
+    z = torch.zeros_like(r0)
+    return from_intervals(n, tile, torch.arange(len(r0)), z, start, r1, z + BAND, z + window, columns=columns)
+
+
+def _runs(status: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first, last + 1, status) of each run of equal nonzero values."""
+    edges = torch.nonzero(status[1:] != status[:-1]).flatten() + 1
+    bounds = [0, *edges.tolist(), len(status)]
+    return [(a, b, int(status[a])) for a, b in zip(bounds[:-1], bounds[1:]) if status[a] != 0]
+
+
+def tile_intervals(ok: torch.Tensor, r0: int, block: int):
+    """Intervals of one tile of queries r0.. from its allowed matrix ``ok`` [rows, K] (keys 0..K-1).
+
+    Key blocks are classified empty, full or cut; runs of full blocks become one FULL interval,
+    cut runs a BAND 0 interval when they are exactly causal, else a MASK. Yields
+    (start, end, kind, mask or None)."""
+    rows, K = ok.shape
+    nb = -(-K // block)
+    padded = torch.zeros(rows, nb * block, dtype=torch.bool)
+    padded[:, :K] = ok
+    blocks = padded.view(rows, nb, block)
+    inside = torch.zeros(nb * block, dtype=torch.bool)
+    inside[:K] = True
+    any_, all_ = blocks.any(2).any(0), (blocks | ~inside.view(nb, block)).all(2).all(0)
+    status = torch.where(all_ & any_, 1, torch.where(any_, 2, 0))
+    q = torch.arange(r0, r0 + rows)[:, None]
+    for a, b, s in _runs(status):
+        s0, s1 = a * block, min(b * block, K)
+        if s == 1:
+            yield s0, s1, FULL, None
+            continue
+        sub = ok[:, s0:s1]
+        if torch.equal(sub, torch.arange(s0, s1)[None, :] <= q):
+            yield s0, s1, BAND, None
+        else:
+            yield s0, s1, MASK, sub
+
+
+def from_allowed(allowed, n: int, tile: int, block: int | None = None) -> Tiles:
+    """The description of any predicate ``allowed(i, j)`` (causality is added): evaluated on
+    each tile of queries against every earlier key, in key blocks of ``block`` (default ``tile``)."""
+    block = block or tile
+    entries, pool, offset = [], [], 0
+    for t, r0 in enumerate(range(0, n, tile)):
+        r1 = min(n, r0 + tile)
+        i, j = torch.arange(r0, r1)[:, None], torch.arange(r1)[None, :]
+        ok = torch.as_tensor(allowed(i, j)).broadcast_to(r1 - r0, r1) & (j <= i)
+        for s, e, kind, m in tile_intervals(ok, r0, block):
+            arg = 0
+            if m is not None:
+                arg = offset
+                pool.append(m.reshape(-1).to(torch.uint8))
+                offset += m.numel()
+            entries.append((t, 0, s, e, kind, arg))
+    if offset >= 2**31:
+        raise ValueError(f"the masks of this pattern's cut tiles need {offset} bytes (more than 2^31)")
+    cols = torch.tensor(entries, dtype=torch.int64).reshape(-1, 6).T
+    masks = torch.cat(pool) if pool else None
+    return from_intervals(n, tile, cols[0], *cols[1:], masks=masks)
+
+
+@functools.lru_cache(maxsize=64)
+def describe(pattern, n: int, tile: int, head: int = 0) -> Tiles:
+    """``pattern.tiles(n, tile, head)``, cached (patterns are frozen dataclasses)."""
+    return pattern.tiles(n, tile, head)

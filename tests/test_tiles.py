@@ -1,0 +1,71 @@
+"""A pattern's description (patterns/tiles.py): what the fused kernel reads, checked against the mask."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparse_transformer as sp
+from sparse_transformer import patterns as P
+from sparse_transformer.patterns.tiles import BAND, FULL, MASK, from_allowed
+
+from helpers import every_pattern
+
+
+@pytest.mark.parametrize("tile", [4, 16, 32])
+def test_every_description_covers_its_mask_exactly_once(tile):
+    """Each allowed pair is computed exactly once, and no other pair: the intervals of a tile
+    are disjoint and the column layout adds only what the tiles leave out."""
+    for pattern in every_pattern(6, 2) + every_pattern(16, 4):
+        for n in (1, 7, 33, 70):
+            for head in (0, 1, 2):
+                cov = pattern.tiles(n, tile, head).coverage()
+                assert torch.equal(cov, pattern.mask(n, head).int()), (pattern, n, tile, head)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 90), stride=st.integers(1, 24), data=st.data())
+def test_fixed_descriptions_for_any_stride_and_tile(n, stride, data):
+    """Tiles that straddle two blocks (tile does not divide stride) get exact byte masks."""
+    c = data.draw(st.integers(1, stride))
+    tile = data.draw(st.sampled_from([4, 16, 32]))
+    head = data.draw(st.integers(0, 3))
+    for pattern in (P.Fixed(stride, c, True), P.FixedSummary(stride, c, True), P.FixedBlock(stride)):
+        assert torch.equal(pattern.tiles(n, tile, head).coverage(), pattern.mask(n, head).int())
+
+
+def test_closed_forms_are_o_of_n_over_tile():
+    """The paper's patterns describe 2^20 positions in a few intervals per tile and no byte mask."""
+    n, tile = 2**20, 32
+    for pattern, per_tile in ((P.Strided(1024), 1), (P.Fixed(1024, 32), 2), (P.Fixed(128, 16), 2)):
+        t = pattern.tiles(n, tile)
+        assert t.iv.shape[0] <= per_tile * n // tile and t.masks.numel() == 0
+    assert P.Fixed(1024, 32).tiles(n, tile).gather.numel() == (n // 1024 - 1) * 32
+
+
+def test_from_allowed_uses_full_band_and_mask_intervals():
+    t = from_allowed(lambda i, j: (i - j < 40) | (j < 8) | ((i - j) % 5 == 0), 128, 16)
+    kinds = set(t.iv[:, 3].tolist())
+    assert {FULL, BAND, MASK} <= kinds
+    i = torch.arange(128)
+    want = (i[:, None] >= i[None, :]) & ((i[:, None] - i[None, :] < 40) | (i[None, :] < 8)
+                                         | ((i[:, None] - i[None, :]) % 5 == 0))
+    assert torch.equal(t.coverage(), want.int())
+
+
+@pytest.mark.parametrize("n", [1, 45, 100])
+def test_native_kernel_runs_every_pattern(n):
+    """float32 on the CPU: every pattern on the fused kernel, outputs and gradients against the reference,
+    one pattern for all heads and one per head."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v, do = (torch.randn(2, 3, n, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    pats = every_pattern(8, 2)[1:]  # Dense runs on one SDPA call
+    for pattern in pats + [pats[3:6], [pats[0], pats[6], pats[-1]]]:
+        got = [t.float().requires_grad_() for t in (q, k, v)]
+        want = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = sp.attention(*got, pattern, backend="native")
+        r = sp.attention(*want, pattern, backend="reference")
+        (o * do.float()).sum().backward()
+        (r * do).sum().backward()
+        assert torch.allclose(o.double(), r, atol=1e-5), pattern
+        for a, b in zip(got, want):
+            assert torch.allclose(a.grad.double(), b.grad, atol=1e-5), pattern
