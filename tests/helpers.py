@@ -71,4 +71,7 @@ def every_pattern(stride: int, c: int) -> list:
         P.FixedSummary(stride, c),
         P.FixedSummary(stride, c, distinct_heads=True),
         P.DilatedWindow(stride, 2),
+        P.BigBird(stride, 1, 2, max(1, stride // 2)),
+        P.Longformer(stride, 3),
+        P.Custom(lambda i, j: (i - j < stride) | (j % (2 * stride + 1) == 0), block=4),
     ]

@@ -21,6 +21,14 @@ def brute(pattern, n, head=0):
                 ok = i - j < pattern.stride or (i - j) % pattern.stride == 0
             elif isinstance(pattern, P.StridedColumns):
                 ok = (i - j) % pattern.stride == 0
+            elif isinstance(pattern, P.BigBird):
+                g, b = pattern.n_global * pattern.block, pattern.block
+                rnd = j // b in P.bigbird._random_blocks(pattern.seed, pattern.n_random_blocks, i // b)
+                ok = i - j < pattern.window or j < g or i < g or rnd
+            elif isinstance(pattern, P.Longformer):
+                ok = i - j < pattern.window or j < pattern.global_positions or i < pattern.global_positions
+            elif isinstance(pattern, P.Custom):
+                ok = bool(pattern.allowed_fn(torch.tensor(i), torch.tensor(j)))
             elif isinstance(pattern, P.DilatedWindow):
                 ok = (i - j) % pattern.dilation == 0 and (i - j) // pattern.dilation < pattern.window
             elif isinstance(pattern, (P.Fixed, P.FixedSummary, P.FixedBlock)):
@@ -120,8 +128,13 @@ def test_one_spec_syntax_from_one_registry():
     is one ValueError that lists what exists."""
     cases = {"dense": P.Dense(), "local:5": P.Local(5), "strided:8": P.Strided(8), "strided_columns:8": P.StridedColumns(8),
              "fixed:8:2": P.Fixed(8, 2), "fixed:8:2:true": P.Fixed(8, 2, True), "fixed_block:8": P.FixedBlock(8),
-             "fixed_summary:8:2": P.FixedSummary(8, 2), "dilated:4:3": P.DilatedWindow(4, 3)}
-    assert sorted(P.names()) == sorted({s.split(":")[0] for s in cases})
+             "fixed_summary:8:2": P.FixedSummary(8, 2), "dilated:4:3": P.DilatedWindow(4, 3),
+             "bigbird:64:2:3:64": P.BigBird(64, 2, 3, 64), "bigbird:8:0:1:4:7": P.BigBird(8, 0, 1, 4, 7),
+             "longformer:256:16": P.Longformer(256, 16)}
+    from sparse_transformer.patterns.registry import _REGISTRY
+
+    ours = {n for n, (cls, _) in _REGISTRY.items() if cls.__module__.startswith("sparse_transformer.")}
+    assert sorted(ours) == sorted({s.split(":")[0] for s in cases})
     for text, pattern in cases.items():
         assert P.parse(text) == pattern and P.parse(P.spec(pattern)) == pattern
     for bad, msg in [("nope:1", "unknown pattern 'nope'"), ("fixed:8", "takes stride:c:distinct_heads"),
@@ -130,7 +143,7 @@ def test_one_spec_syntax_from_one_registry():
         with pytest.raises(ValueError, match=msg) as e:
             P.parse(bad)
         assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="known: dense, dilated:window:dilation, fixed:stride:c"):
+    with pytest.raises(ValueError, match="known: bigbird:window:n_global:n_random_blocks:block:\[seed\], dense, dilated:window:dilation, "):
         P.parse("nope")
 
 
@@ -140,7 +153,7 @@ def test_model_config_bench_and_pictures_take_specs(tmp_path):
 
     cfg = ModelConfig(n_ctx=64, d_model=32, n_head=2, pattern="fixed:8:2:true")
     assert cfg.full_pattern() == P.Fixed(8, 2, True)
-    with pytest.raises(ValueError, match="model.pattern: 'fixed:8:99'"):
+    with pytest.raises(ValueError, match="model.pattern must be .*'fixed:8:99'"):
         ModelConfig(pattern="fixed:8:99").validate()
     assert [p for _, p in parse_cases("dense,strided,fixed,local:7,fixed_summary:8:2", 1024)] == [
         None, P.Strided(32), P.Fixed(128, 16), P.Local(7), P.FixedSummary(8, 2)]

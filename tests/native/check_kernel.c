@@ -9,19 +9,20 @@
 #include "../../src/sparse_transformer/attention/native.c"
 #include <stdio.h>
 
-enum { BANDED, FIXED, DILATED };
+enum { BANDED, FIXED, DILATED, DILATED_COLUMNS };
 
 typedef struct { int N, kind, w, l, strict; } Case;
 
 static const Case *cur;
 
 /* kind BANDED: a band of w (0: none) plus columns of stride l (0: none; w <= l, or the two overlap);
- * FIXED: blocks of l with summary columns l - w .. l - 1; DILATED: (i - j) % l == 0, (i - j) / l < w. */
+ * FIXED: blocks of l with summary columns l - w .. l - 1; DILATED: (i - j) % l == 0, (i - j) / l < w,
+ * from byte masks (DILATED) or as a window of w in the column pass (DILATED_COLUMNS). */
 static int allowed(int i, int j, int w, int l, int strict)
 {
     if (j > i) return 0;
     if (cur->kind == FIXED) return j / l == i / l || j % l >= l - w;
-    if (cur->kind == DILATED) return (i - j) % l == 0 && (i - j) / l < w;
+    if (cur->kind >= DILATED) return (i - j) % l == 0 && (i - j) / l < w;
     if (w > 0 && i - j < w) return 1;
     return l > 0 && (i - j) % l == 0 && !(strict && i == j);
 }
@@ -117,14 +118,15 @@ int main(void)
         {1, BANDED, 5, 5, 1}, {17, BANDED, 5, 5, 1}, {100, BANDED, 10, 10, 1}, {257, BANDED, 9, 0, 1},
         {96, BANDED, 0, 6, 0}, {300, BANDED, 0, 12, 0}, {64, BANDED, 1, 1, 1}, {130, BANDED, 7, 13, 1},
         {200, BANDED, 40, 40, 1}, {333, BANDED, 37, 37, 1}, {1, FIXED, 8, 64, 0}, {300, FIXED, 8, 64, 0},
-        {450, FIXED, 64, 64, 0}, {150, DILATED, 5, 3, 0}, {70, DILATED, 100, 1, 0},
+        {450, FIXED, 64, 64, 0}, {150, DILATED, 5, 3, 0}, {70, DILATED, 100, 1, 0}, {150, DILATED_COLUMNS, 5, 3, 0},
+        {200, DILATED_COLUMNS, 40, 2, 0}, {64, DILATED_COLUMNS, 1, 1, 0},
     };
     int failed = 0;
     unsigned seed = 1;
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         cur = &cases[c];
         int N = cases[c].N, w = cases[c].w, l = cases[c].l, strict = cases[c].strict, BH = 2;
-        int cols = cur->kind == BANDED ? l : 0;
+        int cols = cur->kind == BANDED || cur->kind == DILATED_COLUMNS ? l : 0, cw = cur->kind == DILATED_COLUMNS ? w : 0;
         if (cols > 0 && N % l) N += l - N % l; /* the kernel's column pass wants N a multiple of l */
         Case padded = *cur;
         padded.N = N;
@@ -142,11 +144,11 @@ int main(void)
         int *gpos = malloc(sizeof(int) * (N + 1));
         uint8_t *masks = malloc((size_t)N * N + 1);
         Desc d = describe(cur, scale, ptr, iv, gpos, masks);
-        int nt = cur->kind == BANDED && w == 0 ? 0 : d.ntiles, rc = 0;
+        int nt = (cur->kind == BANDED && w == 0) || cur->kind == DILATED_COLUMNS ? 0 : d.ntiles, rc = 0;
         for (int threads = 1; threads <= 4; threads *= 4) { /* 1: sequences per thread; 4 > BH: shared sequences */
             memset(dq, 0, sizeof(float) * n), memset(dk, 0, sizeof(float) * n), memset(dv, 0, sizeof(float) * n);
-            rc |= st_tiles_forward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, scale, threads, q, k, v, o, lse);
-            rc |= st_tiles_backward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, scale, threads, q, k, v,
+            rc |= st_tiles_forward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, cw, scale, threads, q, k, v, o, lse);
+            rc |= st_tiles_backward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, cw, scale, threads, q, k, v,
                                     o, dout, lse, dq, dk, dv);
         }
         free(ptr), free(iv), free(gpos), free(masks);

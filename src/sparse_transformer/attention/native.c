@@ -335,7 +335,7 @@ static void scale_rows(float *O, int rows, const float *inv)
  * may attend keys lo[a]..hi[a]. Forward writes the normalised output to
  * Or and returns lse; backward adds into dQr, dKr, dVr. */
 typedef struct {
-    int N, l, strict;
+    int N, l, strict, w; /* w: the column pass's window (0: the whole column) */
     float scale;
 } Shape;
 
@@ -378,16 +378,19 @@ static void gather(const float *X, int M, int l, int c, float *dst)
     for (int m = 0; m < M; m++) memcpy(dst + (size_t)m * HD, X + ((size_t)m * l + c) * HD, sizeof(float) * HD);
 }
 
-/* Queries m0..m0+TQ-1 of a column attend keys 0..m-1 (strict) or 0..m; returns the key count. */
-static int col_window(const Shape *sh, int m0, int M, TileScratch *ts, int *rows)
+/* Queries m0..m0+TQ-1 of a column attend keys m-w < j <= m (w = 0: from 0), strictly before m
+ * when strict; they are read from key j0 on. Returns the key count. */
+static int col_window(const Shape *sh, int m0, int M, TileScratch *ts, int *rows, int *j0)
 {
     int m1 = imin(m0 + TQ, M);
     *rows = m1 - m0;
+    *j0 = sh->w > 0 ? imax(0, m0 - sh->w + 1) : 0;
     for (int a = 0; a < TQ; a++) {
-        ts->lo[a] = a < *rows ? 0 : 1;
-        ts->hi[a] = a < *rows ? (sh->strict ? m0 + a - 1 : m0 + a) : 0;
+        int m = m0 + a;
+        ts->lo[a] = a < *rows ? (sh->w > 0 ? imax(0, m - sh->w + 1) : 0) - *j0 : 1;
+        ts->hi[a] = a < *rows ? (sh->strict ? m - 1 : m) - *j0 : 0;
     }
-    return sh->strict ? m1 - 1 : m1;
+    return (sh->strict ? m1 - 1 : m1) - *j0;
 }
 
 static void col_fwd(const Shape *sh, const float *Q, const float *K, const float *V, float *O, float *L, int c, int merge, float *buf)
@@ -400,9 +403,9 @@ static void col_fwd(const Shape *sh, const float *Q, const float *K, const float
     gather(K, M, l, c, Kc);
     gather(V, M, l, c, Vc);
     for (int m0 = 0; m0 < M; m0 += TQ) {
-        int rows, W = col_window(sh, m0, M, ts, &rows);
+        int rows, j0, W = col_window(sh, m0, M, ts, &rows, &j0);
         if (W > 0) {
-            tile_fwd(Qc + (size_t)m0 * HD, Kc, Vc, rows, W, ts, St, Ot, sh->scale);
+            tile_fwd(Qc + (size_t)m0 * HD, Kc + (size_t)j0 * HD, Vc + (size_t)j0 * HD, rows, W, ts, St, Ot, sh->scale);
         } else {
             for (int a = 0; a < rows; a++) ts->lse[a] = -INFINITY;
         }
@@ -437,15 +440,16 @@ static void col_bwd(const Shape *sh, const float *Q, const float *K, const float
     gather(dO, M, l, c, dOc);
     for (int m = 0; m < M; m++) { Lc[m] = L[(size_t)m * l + c]; Dc[m] = Dl[(size_t)m * l + c]; }
     for (int m0 = 0; m0 < M; m0 += TQ) {
-        int rows, W = col_window(sh, m0, M, ts, &rows);
+        int rows, j0, W = col_window(sh, m0, M, ts, &rows, &j0);
         if (W <= 0) continue;
         for (int a = 0; a < TQ; a++) {
             ts->lse[a] = a < rows ? Lc[m0 + a] : 0.f;
             ts->delta[a] = a < rows ? Dc[m0 + a] : 0.f;
         }
         /* The gradients go straight into column c of dQ, dK, dV (row stride l * HD): this thread owns it. */
-        tile_bwd(Qc + (size_t)m0 * HD, Kc, Vc, dOc + (size_t)m0 * HD, rows, W, ts, St, dPt,
-                 dQ + ((size_t)m0 * l + c) * HD, dK + (size_t)c * HD, dV + (size_t)c * HD, l * HD, sh->scale);
+        tile_bwd(Qc + (size_t)m0 * HD, Kc + (size_t)j0 * HD, Vc + (size_t)j0 * HD, dOc + (size_t)m0 * HD, rows, W, ts,
+                 St, dPt, dQ + ((size_t)m0 * l + c) * HD, dK + ((size_t)j0 * l + c) * HD, dV + ((size_t)j0 * l + c) * HD,
+                 l * HD, sh->scale);
     }
 }
 
@@ -818,14 +822,14 @@ static int tiles_backward(const Desc *d, int BH, int nthreads, const float *q, c
 }
 
 /* ------------------------------------------------------------ entry points
- * The tile pass, then (l > 0) the column pass of stride l merged into it through the
- * log-sum-exps (Strided: a band of w plus the columns). Returns 0, or -1 without memory. */
+ * The tile pass, then (l > 0) the column pass of stride l (window cw, 0: whole columns) merged
+ * into it through the log-sum-exps (Strided: a band plus the columns). Returns 0, or -1 without memory. */
 int st_tiles_forward(int BH, int N, int ntiles, int maxw, int ng, const int *ptr, const int *iv, const int *gpos,
-                     const uint8_t *masks, int l, int strict, float scale, int nthreads,
+                     const uint8_t *masks, int l, int strict, int cw, float scale, int nthreads,
                      const float *q, const float *k, const float *v, float *o, float *lse)
 {
     Desc d = {N, ntiles, maxw, ng, ptr, iv, gpos, masks, scale};
-    Shape sh = {N, l, strict, scale};
+    Shape sh = {N, l, strict, cw, scale};
     int failed = ntiles > 0 ? tiles_forward(&d, BH, nthreads, q, k, v, o, lse) : 0;
     if (l > 0 && !failed) {
         Tensors t = {q, k, v, NULL, NULL, NULL, o, lse, NULL, NULL, NULL};
@@ -835,12 +839,12 @@ int st_tiles_forward(int BH, int N, int ntiles, int maxw, int ng, const int *ptr
 }
 
 int st_tiles_backward(int BH, int N, int ntiles, int maxw, int ng, const int *ptr, const int *iv, const int *gpos,
-                      const uint8_t *masks, int l, int strict, float scale, int nthreads,
+                      const uint8_t *masks, int l, int strict, int cw, float scale, int nthreads,
                       const float *q, const float *k, const float *v, const float *o, const float *dout,
                       const float *lse, float *dq, float *dk, float *dv)
 {
     Desc d = {N, ntiles, maxw, ng, ptr, iv, gpos, masks, scale};
-    Shape sh = {N, l, strict, scale};
+    Shape sh = {N, l, strict, cw, scale};
     float *delta = malloc(sizeof(float) * (size_t)BH * N);
     if (!delta) return -1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)

@@ -162,8 +162,8 @@ def load(head_dim: int) -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build(head_dim)))
         ptr, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         lib.st_vector_width.restype = i
-        lib.st_tiles_forward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, f, i] + [ptr] * 5
-        lib.st_tiles_backward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, f, i] + [ptr] * 9
+        lib.st_tiles_forward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, i, f, i] + [ptr] * 5
+        lib.st_tiles_backward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, i, f, i] + [ptr] * 9
         lib.st_tiles_forward.restype = lib.st_tiles_backward.restype = lib.st_query_tile.restype = i
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         warn_once(
@@ -227,9 +227,9 @@ _OBJECTS: dict[str, object] = {}
 
 
 def _pattern_token(pattern) -> str:
-    from ..patterns.registry import is_registered, spec
+    from ..patterns.registry import has_spec, spec
 
-    if is_registered(pattern):
+    if has_spec(pattern):
         return spec(pattern)
     token = f"object#{id(pattern)}"
     _OBJECTS[token] = pattern
@@ -260,9 +260,9 @@ def _tiles(key: str):
 
 def _desc(key: str) -> list:
     t = _tiles(key)
-    l, strict = t.columns or (0, False)
+    l, strict, window = t.columns or (0, False, 0)
     return [t.ntiles, max(1, t.max_keys), t.gather.numel(), *map(_ptr, (t.ptr, t.iv, t.gather, t.masks)), l,
-            int(strict)]
+            int(strict), window]
 
 
 # The kernel as two custom operators with a registered autograd formula, so that

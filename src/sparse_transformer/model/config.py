@@ -52,14 +52,13 @@ class ModelConfig:
         for name in ("n_ctx", "d_model", "n_layer", "n_head", "stride", "c", "vocab_size"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"model.{name} must be an integer >= 1, got {v!r}")
-        if isinstance(self.pattern, str) and ":" in self.pattern:  # a spec such as "fixed:128:16"
+        need(isinstance(self.pattern, str), f"model.pattern must be a string, got {self.pattern!r}")
+        if self.pattern not in PATTERNS:  # a spec such as "fixed:128:16", or a registered name
             try:
                 P.parse(self.pattern)
             except ValueError as e:
-                raise ValueError(f"model.pattern: {e}") from None
-        else:
-            need(self.pattern in PATTERNS, f"model.pattern must be one of {', '.join(PATTERNS)} (with model.stride, "
-                 f"model.c) or a spec such as 'fixed:128:16' ({P.usage()}), got {self.pattern!r}")
+                raise ValueError(f"model.pattern must be one of {', '.join(PATTERNS)} (with model.stride, model.c) "
+                                 f"or a spec: {e}") from None
         need(self.combine in COMBINES, f"model.combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
         need(self.activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         need(self.d_model % self.n_head == 0, f"model.d_model ({self.d_model}) must be a multiple of model.n_head ({self.n_head})")
@@ -94,7 +93,7 @@ class ModelConfig:
 
     def full_pattern(self) -> P.Pattern:
         """The pattern of the model: a spec (``patterns.parse``), or a name with model.stride and model.c."""
-        if ":" in self.pattern:
+        if self.pattern not in PATTERNS:
             return P.parse(self.pattern)
         if self.pattern == "dense":
             return P.Dense()

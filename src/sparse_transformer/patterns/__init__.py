@@ -1,7 +1,8 @@
 """Attention patterns (paper section 4.3): index arithmetic only.
 
 Each pattern answers "may query i attend key j?" exactly, for any length n,
-and can draw itself with ``.mask(n)``. Every pattern registers itself under a spec
+can draw itself with ``.mask(n)``, and describes itself to the fused kernel with
+``.tiles(n, tile)`` (tiles.py). Every pattern registers itself under a spec
 name (registry.py): ``parse("fixed:128:16")`` is ``Fixed(128, 16)``. ``.factors()`` gives the components that
 section 5.1 combines across heads or layers.
 """
@@ -9,11 +10,13 @@ from .base import Pattern
 from .registry import names, parse, register, spec, usage
 from .dense import Dense
 from .fixed import Fixed, FixedBlock, FixedSummary
+from .custom import Custom
 from .local import Local
 from .strided import Strided, StridedColumns
+from .tiles import Tiles
 
 __all__ = ["Pattern", "Dense", "Local", "Strided", "StridedColumns", "Fixed", "FixedBlock", "FixedSummary",
-           "names", "parse", "register", "spec", "usage"]
+           "Custom", "Tiles", "names", "parse", "register", "spec", "usage"]
 
 
 def _import_every_pattern_file() -> None:

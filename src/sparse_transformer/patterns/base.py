@@ -39,8 +39,14 @@ class Pattern:
         raise NotImplementedError
 
     def row_counts(self, n: int, head: int = 0) -> torch.Tensor:
-        """Number of keys each of the n queries attends, as an int64 tensor [n]."""
-        raise NotImplementedError
+        """Number of keys each of the n queries attends, as an int64 tensor [n].
+
+        The default counts ``allowed`` in chunks of rows (O(n^2) work, O(n) memory); patterns
+        with a closed form override it."""
+        check_int("n", n, 1)
+        j = torch.arange(n)[None, :]
+        return torch.cat([self.allowed(torch.arange(a, min(n, a + 256))[:, None], j, head).sum(1)
+                          for a in range(0, n, 256)])
 
     def factors(self) -> tuple["Pattern", ...]:
         """The components whose union is this pattern (section 5.1)."""

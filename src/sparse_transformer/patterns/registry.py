@@ -21,6 +21,7 @@ from typing import Callable
 from .base import Pattern
 
 _REGISTRY: dict[str, tuple[type, tuple[str, ...]]] = {}
+_INSTANCES: dict[str, Pattern] = {}  # named patterns that are objects, not parameters (Custom)
 
 
 def register(name: str, *params: str) -> Callable[[type], type]:
@@ -36,18 +37,26 @@ def register(name: str, *params: str) -> Callable[[type], type]:
     return add
 
 
+def register_instance(name: str, pattern: Pattern) -> None:
+    """``parse(name)`` returns ``pattern`` (a Custom pattern registers itself so); a later pattern of
+    the same name replaces it."""
+    if not isinstance(name, str) or not name or ":" in name or name in _REGISTRY:
+        raise ValueError(f"a pattern name is a non-empty string without ':' that is not a built-in spec, got {name!r}")
+    _INSTANCES[name] = pattern
+
+
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, *_INSTANCES])
 
 
 def usage() -> str:
     """Every registered spec, e.g. ``fixed:stride:c[:distinct_heads]``."""
     out = []
-    for name in names():
+    for name in sorted(_REGISTRY):
         cls, params = _REGISTRY[name]
         defaults = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
         out.append(":".join([name, *(f"[{p}]" if p in defaults else p for p in params)]))
-    return ", ".join(out)
+    return ", ".join(out + sorted(_INSTANCES))
 
 
 def _value(text: str) -> int | bool:
@@ -66,6 +75,8 @@ def parse(spec: str) -> Pattern:
         return spec
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a pattern spec is a string such as 'strided:128', got {spec!r}; known: {usage()}")
+    if spec.strip() in _INSTANCES:
+        return _INSTANCES[spec.strip()]
     name, *args = spec.strip().split(":")
     if name not in _REGISTRY:
         raise ValueError(f"unknown pattern {name!r} in {spec!r}; known: {usage()}")
@@ -81,12 +92,22 @@ def parse(spec: str) -> Pattern:
         raise ValueError(f"{spec!r}: {e}") from None
 
 
-def is_registered(pattern: Pattern) -> bool:
-    return any(type(pattern) is cls for cls, _ in _REGISTRY.values())
+def has_spec(pattern: Pattern) -> bool:
+    """Whether ``parse(spec(pattern)) == pattern``: a named instance, or a registered class whose spec
+    parameters are integers and booleans."""
+    if any(p is pattern for p in _INSTANCES.values()):
+        return True
+    for cls, params in _REGISTRY.values():
+        if type(pattern) is cls:
+            return all(isinstance(getattr(pattern, p), int) for p in params)
+    return False
 
 
 def spec(pattern: Pattern) -> str:
-    """The spec that ``parse`` turns back into ``pattern`` (registered classes only)."""
+    """The spec that ``parse`` turns back into ``pattern`` (registered classes and named instances)."""
+    for name, p in _INSTANCES.items():
+        if p is pattern:
+            return name
     cls = type(pattern)
     if cls not in {c for c, _ in _REGISTRY.values()}:
         raise ValueError(f"{cls.__name__} is not registered")

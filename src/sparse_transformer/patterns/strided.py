@@ -12,7 +12,7 @@ import torch
 from .base import Pattern, check_int
 from .local import Local
 from .registry import register
-from .tiles import band, from_intervals
+from .tiles import band, columns_only
 
 
 @register("strided_columns", "stride")
@@ -36,8 +36,7 @@ class StridedColumns(Pattern):
 
     def tiles(self, n, tile, head=0):
         """No tile intervals: only the transposed layout, diagonal included (section 5.5)."""
-        none = torch.zeros(0, dtype=torch.long)
-        return from_intervals(n, tile, none, none, none, none, none, none, columns=(self.stride, False))
+        return columns_only(n, tile, self.stride, strict=False)
 
 
 @register("strided", "stride")
@@ -69,4 +68,4 @@ class Strided(Pattern):
 
     def tiles(self, n, tile, head=0):
         """The band of ``stride`` in tiles, plus the columns in the transposed layout (section 5.5)."""
-        return band(n, tile, self.stride, columns=(self.stride, True))
+        return band(n, tile, self.stride, columns=(self.stride, True, 0))

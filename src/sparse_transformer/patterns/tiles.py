@@ -15,9 +15,10 @@ and each says which of its keys a query may attend:
 - ``MASK``: a [rows, len] byte mask in the ``masks`` pool (the cut tiles of a predicate).
 
 The intervals of a tile are disjoint, so the kernel takes one softmax over all of them.
-Optionally a second layout, ``columns = (stride, strict)``: the sequence viewed as
-[N/l, l] and transposed, where the strided columns are a local window (section 5.5); its
-result is merged with the tiles' through the log-sum-exps.
+Optionally a second layout, ``columns = (stride, strict, window)``: the sequence viewed as
+[N/l, l] and transposed, where the strided columns are a local window (section 5.5): query
+i attends i - l, i - 2l, ... (and i itself unless ``strict``), the nearest ``window`` of
+them (0: all). Its result is merged with the tiles' through the log-sum-exps.
 
 The closed forms of the paper's patterns cost O(N / tile) to build; ``from_allowed`` builds
 the description of any ``allowed`` predicate by evaluating it once per tile (O(N^2) work,
@@ -43,7 +44,7 @@ class Tiles:
     iv: torch.Tensor  # int32 [n_iv, 5]: view, start, end, kind, arg (BAND: window, 0 = none; MASK: pool offset)
     gather: torch.Tensor  # int32 [ng]: the positions of view 1
     masks: torch.Tensor  # uint8 pool of the MASK intervals
-    columns: tuple[int, bool] | None = None  # (stride, strict): the transposed layout, merged after
+    columns: tuple[int, bool, int] | None = None  # (stride, strict, window): the transposed layout, merged after
 
     @property
     def ntiles(self) -> int:
@@ -78,16 +79,17 @@ class Tiles:
                     ok = self.masks[arg : arg + len(q) * len(k)].view(len(q), len(k)).bool()
                 out[q[:, None], k[None, :]] += ok.int()
         if self.columns:
-            l, strict = self.columns
+            l, strict, window = self.columns
             i = torch.arange(n)
             d = i[:, None] - i[None, :]
-            out += ((d >= (l if strict else 0)) & (d % l == 0)).int()
+            near = (d // l < window) if window else True
+            out += ((d >= (l if strict else 0)) & (d % l == 0) & near).int()
         return out
 
 
 def from_intervals(n: int, tile: int, tile_of: torch.Tensor, view: torch.Tensor, start: torch.Tensor,
                    end: torch.Tensor, kind: torch.Tensor, arg: torch.Tensor, gather: torch.Tensor | None = None,
-                   masks: torch.Tensor | None = None, columns: tuple[int, bool] | None = None) -> Tiles:
+                   masks: torch.Tensor | None = None, columns: tuple[int, bool, int] | None = None) -> Tiles:
     """A description from one entry per interval (tensors of equal length, sorted by ``tile_of``);
     empty intervals are dropped."""
     keep = end > start
@@ -101,13 +103,19 @@ def from_intervals(n: int, tile: int, tile_of: torch.Tensor, view: torch.Tensor,
                  masks if masks is not None else torch.zeros(0, dtype=torch.uint8), columns)
 
 
-def band(n: int, tile: int, window: int, columns: tuple[int, bool] | None = None) -> Tiles:
+def band(n: int, tile: int, window: int, columns: tuple[int, bool, int] | None = None) -> Tiles:
     """i - window < j <= i (window 0: every j <= i): one interval per tile."""
     r0 = torch.arange(0, n, tile)
     r1 = torch.clamp(r0 + tile, max=n)
     start = torch.clamp(r0 - window + 1, min=0) if window else torch.zeros_like(r0)
     z = torch.zeros_like(r0)
     return from_intervals(n, tile, torch.arange(len(r0)), z, start, r1, z + BAND, z + window, columns=columns)
+
+
+def columns_only(n: int, tile: int, stride: int, strict: bool, window: int = 0) -> Tiles:
+    """No tile intervals: only the transposed layout (StridedColumns, DilatedWindow)."""
+    none = torch.zeros(0, dtype=torch.long)
+    return from_intervals(n, tile, none, none, none, none, none, none, columns=(stride, strict, window))
 
 
 def _runs(status: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -117,8 +125,8 @@ def _runs(status: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(a, b, int(status[a])) for a, b in zip(bounds[:-1], bounds[1:]) if status[a] != 0]
 
 
-def tile_intervals(ok: torch.Tensor, r0: int, block: int):
-    """Intervals of one tile of queries r0.. from its allowed matrix ``ok`` [rows, K] (keys 0..K-1).
+def tile_intervals(ok: torch.Tensor, r0: int, block: int, k0: int = 0):
+    """Intervals of one tile of queries r0.. from its allowed matrix ``ok`` [rows, K] (keys k0..k0+K-1).
 
     Key blocks are classified empty, full or cut; runs of full blocks become one FULL interval,
     cut runs a BAND 0 interval when they are exactly causal, else a MASK. Yields
@@ -136,36 +144,88 @@ def tile_intervals(ok: torch.Tensor, r0: int, block: int):
     for a, b, s in _runs(status):
         s0, s1 = a * block, min(b * block, K)
         if s == 1:
-            yield s0, s1, FULL, None
+            yield k0 + s0, k0 + s1, FULL, None
             continue
         sub = ok[:, s0:s1]
-        if torch.equal(sub, torch.arange(s0, s1)[None, :] <= q):
-            yield s0, s1, BAND, None
+        if torch.equal(sub, torch.arange(k0 + s0, k0 + s1)[None, :] <= q):
+            yield k0 + s0, k0 + s1, BAND, None
         else:
-            yield s0, s1, MASK, sub
+            yield k0 + s0, k0 + s1, MASK, sub
 
 
 def from_allowed(allowed, n: int, tile: int, block: int | None = None) -> Tiles:
     """The description of any predicate ``allowed(i, j)`` (causality is added): evaluated on
     each tile of queries against every earlier key, in key blocks of ``block`` (default ``tile``)."""
     block = block or tile
-    entries, pool, offset = [], [], 0
+    entries, pool = [], _Pool()
     for t, r0 in enumerate(range(0, n, tile)):
         r1 = min(n, r0 + tile)
         i, j = torch.arange(r0, r1)[:, None], torch.arange(r1)[None, :]
         ok = torch.as_tensor(allowed(i, j)).broadcast_to(r1 - r0, r1) & (j <= i)
-        for s, e, kind, m in tile_intervals(ok, r0, block):
-            arg = 0
-            if m is not None:
-                arg = offset
-                pool.append(m.reshape(-1).to(torch.uint8))
-                offset += m.numel()
-            entries.append((t, 0, s, e, kind, arg))
-    if offset >= 2**31:
-        raise ValueError(f"the masks of this pattern's cut tiles need {offset} bytes (more than 2^31)")
+        entries += [(t, 0, s, e, kind, pool.add(m)) for s, e, kind, m in tile_intervals(ok, r0, block)]
     cols = torch.tensor(entries, dtype=torch.int64).reshape(-1, 6).T
-    masks = torch.cat(pool) if pool else None
-    return from_intervals(n, tile, cols[0], *cols[1:], masks=masks)
+    return from_intervals(n, tile, cols[0], *cols[1:], masks=pool.tensor())
+
+
+def from_tile_rules(pattern, n: int, tile: int, head: int, rules) -> Tiles:
+    """A description from per-tile rules: ``rules(r0, r1)`` gives, for the tile of queries r0..r1-1,
+    ``(full, window)``: key ranges [a, b) that every query of the tile attends, plus a causal band of
+    ``window`` (0: every earlier key); or None, and the tile gets its exact mask from
+    ``pattern.allowed``. Ranges are merged and cut at the band; where one reaches into the band,
+    that part of the tile is masked exactly. O(tiles) Python steps."""
+    entries, pool = [], _Pool()
+    for t, r0 in enumerate(range(0, n, tile)):
+        r1 = min(n, r0 + tile)
+        rule = rules(r0, r1)
+        if rule is not None:
+            full, window = rule
+            lo = max(0, r0 - window + 1) if window else 0
+            merged = _merge([(a, min(b, r1)) for a, b in full if a < min(b, r1)])
+            if all(b <= lo for _, b in merged):
+                entries += [(t, 0, a, b, FULL, 0) for a, b in merged]
+                entries.append((t, 0, lo, r1, BAND, window))
+                continue
+        else:
+            lo = 0
+            merged = []
+        entries += [(t, 0, a, min(b, lo), FULL, 0) for a, b in merged if a < lo]
+        i, j = torch.arange(r0, r1)[:, None], torch.arange(lo, r1)[None, :]
+        ok = pattern.allowed(i, j, head) & (j <= i)
+        for s, e, kind, m in tile_intervals(ok, r0, tile, lo):
+            entries.append((t, 0, s, e, kind, pool.add(m)))
+    cols = torch.tensor(entries, dtype=torch.int64).reshape(-1, 6).T
+    return from_intervals(n, tile, cols[0], *cols[1:], masks=pool.tensor())
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+class _Pool:
+    """The byte masks of MASK intervals, one after another."""
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+        self.size = 0
+
+    def add(self, m: torch.Tensor | None) -> int:
+        if m is None:
+            return 0
+        offset = self.size
+        self.parts.append(m.reshape(-1).to(torch.uint8))
+        self.size += m.numel()
+        if self.size >= 2**31:
+            raise ValueError("the masks of this pattern's cut tiles need more than 2^31 bytes")
+        return offset
+
+    def tensor(self) -> torch.Tensor | None:
+        return torch.cat(self.parts) if self.parts else None
 
 
 @functools.lru_cache(maxsize=64)
