@@ -35,9 +35,15 @@ def _add_attention(bsub) -> None:
     att.add_argument("--dim", type=at_least(1), default=64, help="head width D (default 64)")
     att.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     att.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    att.add_argument("--cases", default=None, help="comma list: dense, strided[:l], fixed[:l[:c]], local:w (default dense,strided,fixed:128:16)")
+    att.add_argument("--cases", default=None, help="comma list of pattern specs (strided:l, fixed:l:c, bigbird:..., any registered name) plus "
+                     "the shorthands dense, strided (l ~ sqrt N), fixed[:l] (default dense,strided,fixed:128:16)")
     att.add_argument("--max-dense-n", type=at_least(1), default=None, help="skip the dense baseline above this N")
     att.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults")
+    att.add_argument("--against", choices=["flex"], default=None,
+                     help="flex: compare the forward (CPU) with torch.compile'd FlexAttention on the same masks, "
+                          "and our pattern description with create_block_mask")
+    att.add_argument("--flex-blocks", type=_positive_ints, default=[128, 16],
+                     help="FlexAttention block sizes for --against flex (default 128,16; 16 is its fastest here)")
     att.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH", help="write the results as JSON to PATH (stdout without PATH)")
     att.set_defaults(run=run_attention)
 
@@ -177,6 +183,14 @@ def run_attention(args, extra) -> int:
     for name in ("batch", "heads", "dim"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
+    if args.against == "flex":
+        from ..bench import flex
+
+        if device != "cpu" or args.dtype != "float32":
+            raise UsageError("--against flex compares float32 on the CPU (use --device cpu --dtype float32)")
+        result = flex.run(args.n, args.cases or ba.DEFAULT_CASES, B=args.batch, H=args.heads, D=args.dim,
+                          blocks=tuple(args.flex_blocks), progress=lambda m: print(m, file=sys.stderr))
+        return _emit(result, flex.report, args.json)
     result = ba.run(
         args.n, B=args.batch, H=args.heads, D=args.dim, dtype=args.dtype, device=device,
         cases=args.cases or ba.DEFAULT_CASES, max_dense_n=args.max_dense_n,
