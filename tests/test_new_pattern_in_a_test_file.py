@@ -20,7 +20,7 @@ class EveryThird(Pattern):
 
     window: int
 
-    def allowed(self, i, j, head=0):
+    def allowed(self, i, j):
         d = i - j
         return (d >= 0) & ((d < self.window) | (j % 3 == 0))
 

@@ -51,22 +51,23 @@ def test_mask_matches_definition(n, stride, data):
     c = data.draw(st.integers(1, stride))
     head = data.draw(st.integers(0, 5))
     for p in every_pattern(stride, c):
-        m = p.mask(n, head=head)
+        q = p.per_head(head + 1)[head]
+        m = q.mask(n)
         assert m.dtype == torch.bool and m.shape == (n, n)
         assert torch.equal(m, brute(p, n, head)), p
         assert not m.triu(1).any(), "patterns are causal"
-        assert p.num_pairs(n, head) == int(m.sum())
-        assert torch.equal(p.row_counts(n, head), m.sum(1))
+        assert q.num_pairs(n) == int(m.sum())
+        assert torch.equal(q.row_counts(n), m.sum(1))
 
 
 @pytest.mark.parametrize("stride,c", [(4, 1), (8, 3), (6, 2)])
 def test_factors_union_is_pattern(stride, c):
     for p in (P.Strided(stride), P.Fixed(stride, c), P.Fixed(stride, c, distinct_heads=True)):
-        for head in range(3):
+        for q in p.per_head(3):
             union = torch.zeros(50, 50, dtype=torch.bool)
-            for f in p.factors():
-                union |= f.mask(50, head)
-            assert torch.equal(union, p.mask(50, head))
+            for f in q.factors():
+                union |= f.mask(50)
+            assert torch.equal(union, q.mask(50))
 
 
 def test_paper_example_strided():
@@ -80,10 +81,12 @@ def test_paper_example_fixed():
 
 
 def test_distinct_heads_use_distinct_summaries():
+    """Per-head patterns are a list: Fixed with distinct heads is one Fixed per head, each with its summary."""
     p = P.Fixed(8, 2, distinct_heads=True)
-    starts = [p.summary_start(h) for h in range(5)]
-    assert starts == [6, 4, 2, 0, 6]
-    cols = [set(P.FixedSummary(8, 2, True).mask(64, h)[63].nonzero().flatten().tolist()) for h in range(4)]
+    assert p.per_head(5) == [P.Fixed(8, 2, summary=k) for k in (0, 1, 2, 3, 0)]
+    assert [q.summary_start() for q in p.per_head(5)] == [6, 4, 2, 0, 6]
+    assert P.Fixed(8, 2).per_head(3) == [P.Fixed(8, 2)] * 3
+    cols = [set(q.mask(64)[63].nonzero().flatten().tolist()) for q in P.FixedSummary(8, 2, True).per_head(4)]
     assert all(a.isdisjoint(b) for i, a in enumerate(cols) for b in cols[i + 1 :])
 
 
@@ -118,9 +121,10 @@ def test_row_keys_match_mask(n, stride, data):
     c = data.draw(st.integers(1, stride))
     head = data.draw(st.integers(0, 4))
     for p in every_pattern(stride, c):
-        m = p.mask(n, head)
+        p = p.per_head(head + 1)[head]
+        m = p.mask(n)
         for i in range(n):
-            assert p.row_keys(i, head).tolist() == m[i].nonzero().flatten().tolist(), (p, i)
+            assert p.row_keys(i).tolist() == m[i].nonzero().flatten().tolist(), (p, i)
 
 
 def test_one_spec_syntax_from_one_registry():

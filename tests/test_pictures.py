@@ -42,7 +42,7 @@ def test_show_pattern_cli_heads_and_factors(tmp_path):
     assert img.shape == (GAP + rows * (32 * 2 + GAP), GAP + 32 * 2 + GAP + 8 * 2 + GAP, 3)
     pat = P.Fixed(8, 2, distinct_heads=True)
     for h in range(4):
-        assert (_matrix(img, 32, 2, row=h) == pat.mask(32, head=h).numpy()).all()
+        assert (_matrix(img, 32, 2, row=h) == pat.per_head(4)[h].mask(32).numpy()).all()
     assert (_matrix(img, 32, 2, row=5) == pat.factors()[1].mask(32).numpy()).all()
     r = run_cli("show-pattern", "strided", "--stride", "0", "-o", str(out))
     assert r.returncode == 2 and "stride" in r.stderr and "Traceback" not in r.stderr

@@ -17,9 +17,8 @@ def test_every_description_covers_its_mask_exactly_once(tile):
     are disjoint and the column layout adds only what the tiles leave out."""
     for pattern in every_pattern(6, 2) + every_pattern(16, 4):
         for n in (1, 7, 33, 70):
-            for head in (0, 1, 2):
-                cov = pattern.tiles(n, tile, head).coverage()
-                assert torch.equal(cov, pattern.mask(n, head).int()), (pattern, n, tile, head)
+            for p in pattern.per_head(3):
+                assert torch.equal(p.tiles(n, tile).coverage(), p.mask(n).int()), (p, n, tile)
 
 
 @settings(max_examples=40, deadline=None)
@@ -30,7 +29,8 @@ def test_fixed_descriptions_for_any_stride_and_tile(n, stride, data):
     tile = data.draw(st.sampled_from([4, 16, 32]))
     head = data.draw(st.integers(0, 3))
     for pattern in (P.Fixed(stride, c, True), P.FixedSummary(stride, c, True), P.FixedBlock(stride)):
-        assert torch.equal(pattern.tiles(n, tile, head).coverage(), pattern.mask(n, head).int())
+        p = pattern.per_head(head + 1)[head]
+        assert torch.equal(p.tiles(n, tile).coverage(), p.mask(n).int())
 
 
 def test_closed_forms_are_o_of_n_over_tile():

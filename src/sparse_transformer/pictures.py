@@ -31,12 +31,12 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def pattern_rows(pattern: Pattern | list[Pattern], heads: int = 1, factors: bool = False) -> list[tuple[str, Pattern, int]]:
-    """(label, pattern, head) for each row of the picture: the pattern per head, then its factors."""
-    pats = pattern if isinstance(pattern, list) else [pattern] * heads
-    rows = [(f"head {h}" if len(pats) > 1 else "pattern", p, h) for h, p in enumerate(pats)]
+def pattern_rows(pattern: Pattern | list[Pattern], heads: int = 1, factors: bool = False) -> list[tuple[str, Pattern]]:
+    """(label, pattern) for each row of the picture: the pattern per head, then its factors."""
+    pats = pattern if isinstance(pattern, list) else pattern.per_head(heads)
+    rows = [(f"head {h}" if len(pats) > 1 else "pattern", p) for h, p in enumerate(pats)]
     if factors:
-        rows += [(f"factor {k}", f, 0) for k, f in enumerate(pats[0].factors())]
+        rows += [(f"factor {k}", f) for k, f in enumerate(pats[0].factors())]
     return rows
 
 
@@ -57,9 +57,9 @@ def pattern_image(pattern: Pattern | list[Pattern], n: int, *, heads: int = 1, f
     H = GAP + len(rows) * (panel_h + GAP)
     W = GAP + n * scale + GAP + width * scale + GAP
     img = np.full((H, W, 3), 230, dtype=np.uint8)
-    for r, (_, p, head) in enumerate(rows):
+    for r, (_, p) in enumerate(rows):
         top = GAP + r * (panel_h + GAP)
-        m = p.mask(n, head=head).numpy()  # (n, n) bool
+        m = p.mask(n).numpy()  # (n, n) bool
         mat = np.where(m[..., None], np.array(ALLOWED, np.uint8), np.array(EMPTY, np.uint8))
         img[top : top + n * scale, GAP : GAP + n * scale] = mat.repeat(scale, 0).repeat(scale, 1)
         row = np.full((grid_h * width, 3), 200, dtype=np.uint8)  # positions past n stay grey
@@ -101,7 +101,7 @@ def attention_weights(model, x: torch.Tensor, position: int) -> np.ndarray:
         q, k = q[0, :, position], k[0]  # (H, Dqk), (H, T, Dqk)
         scores = torch.einsum("hd,htd->ht", q.float(), k.float()) / math.sqrt(q.shape[-1])
         pats = per_head_patterns(attn.pattern, attn.n_head)
-        allowed = torch.stack([p.mask(position + 1, head=i)[position] for i, p in enumerate(pats)])
+        allowed = torch.stack([p.mask(position + 1)[position] for p in pats])
         w = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         out.append(torch.nan_to_num(w, nan=0.0).numpy())
     return np.stack(out)

@@ -17,8 +17,8 @@ from ..patterns import Fixed, FixedBlock, FixedSummary, Pattern
 class FullCache:
     """Every position: [B, h, n_ctx, D]; reads gather ``pattern.row_keys(t)``."""
 
-    def __init__(self, pattern: Pattern, head: int, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
-        self.pattern, self.head, self.batch = pattern, head, B
+    def __init__(self, pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
+        self.pattern, self.batch = pattern, B
         self.k = like.new_zeros(B, h, n_ctx, dk)
         self.v = like.new_zeros(B, h, n_ctx, dv)
 
@@ -33,7 +33,7 @@ class FullCache:
         self.v[:, :, :T] = v
 
     def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = self.pattern.row_keys(t, self.head).to(self.k.device)
+        keys = self.pattern.row_keys(t).to(self.k.device)
         return self.k.index_select(2, keys), self.v.index_select(2, keys)
 
     def nbytes(self) -> int:
@@ -47,11 +47,11 @@ class FixedCache:
     [B, h, l, D] is reused by each new block.
     """
 
-    def __init__(self, pattern: Pattern, head: int, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
+    def __init__(self, pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
         self.pattern, self.l, self.batch = pattern, pattern.stride, B
         self.summaries = not isinstance(pattern, FixedBlock)
         self.c = 0 if not self.summaries else pattern.c
-        self.s0 = 0 if not self.summaries else pattern.summary_start(head)
+        self.s0 = 0 if not self.summaries else pattern.summary_start()
         nb = -(-n_ctx // self.l)
         self.sk = like.new_zeros(B, h, nb * self.c, dk)
         self.sv = like.new_zeros(B, h, nb * self.c, dv)
@@ -95,7 +95,7 @@ class FixedCache:
         return self.sk.nbytes + self.sv.nbytes + self.bk.nbytes + self.bv.nbytes
 
 
-def make_cache(pattern: Pattern, head: int, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
-    """The cache for heads that use ``pattern`` (as head ``head`` sees it)."""
+def make_cache(pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
+    """The cache for heads that use ``pattern``."""
     kind = FixedCache if isinstance(pattern, (Fixed, FixedBlock, FixedSummary)) else FullCache
-    return kind(pattern, head, B, h, n_ctx, dk, dv, like)
+    return kind(pattern, B, h, n_ctx, dk, dv, like)

@@ -14,7 +14,7 @@ from . import native
 from .function import SparseAttentionFunction
 from .kernels import default_scale, select_kernel
 from .native import tiles_attention
-from .parts import make_plan, plan_key
+from .parts import make_plan
 from .reference import reference_attention
 
 BACKENDS = ("auto", "reference", "native", "cpu", "cuda", "math")
@@ -96,7 +96,7 @@ def _decomposable(p: Pattern) -> bool:
     """Whether the decomposition has a plan for ``p``; a pattern without one (a new pattern file that
     gives only ``allowed``) runs as one SDPA call with its N x N mask, exact but O(N^2), said once."""
     try:
-        make_plan(p, 0, 1)
+        make_plan(p, 1)
         return True
     except ValueError:
         warnings.warn(f"{type(p).__name__} has no fast decomposition yet: it runs as one SDPA call with its N x N mask "
@@ -127,7 +127,7 @@ def explain_path(q: torch.Tensor, pattern: Pattern | Sequence[Pattern], backend:
 @functools.lru_cache(maxsize=16)
 def _pattern_mask(pats: tuple[Pattern, ...], n: int) -> torch.Tensor:
     """[H or 1, n, n] bool: the pattern of every head (one plane when all heads share it)."""
-    masks = torch.stack([p.mask(n, h) for h, p in enumerate(pats)])
+    masks = torch.stack([p.mask(n) for p in pats])
     return masks[:1] if bool((masks == masks[:1]).all()) else masks
 
 
@@ -149,9 +149,10 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list[Pa
 
 
 def per_head_patterns(pattern: Pattern | Sequence[Pattern], n_head: int) -> list[Pattern]:
-    """One pattern for each head: ``pattern`` repeated, or the given list checked."""
+    """One pattern for each head: ``pattern.per_head(n_head)`` (the pattern repeated, or Fixed with
+    distinct heads as one Fixed per head with its own summary offsets), or the given list checked."""
     if isinstance(pattern, Pattern):
-        return [pattern] * n_head
+        return pattern.per_head(n_head)
     if isinstance(pattern, (str, bytes)) or not isinstance(pattern, Sequence):
         raise ValueError(f"pattern must be a Pattern or a sequence of H Patterns, got {type(pattern).__name__}")
     pats = list(pattern)
@@ -176,7 +177,8 @@ def attention(
 
     ``pattern`` is one Pattern for all heads, or a sequence of H patterns (head h
     uses ``pattern[h]``; this is the paper's "multi-head" combination, section 5.1).
-    A Fixed pattern with ``distinct_heads`` gives head h its own summary offsets.
+    A Fixed pattern with ``distinct_heads`` stands for ``pattern.per_head(H)``: one Fixed per head,
+    each with its own summary offsets.
 
     backend:
       "auto"      the fast path: on the CPU, the native kernel for every sparse pattern, read
@@ -222,37 +224,37 @@ def attention(
         return masked_sdpa(q, k, v, pats, scale, upcast)
     kernel = None if use_native else select_kernel(q.device, "auto" if backend == "native" else backend)
 
-    def run(q, k, v, p: Pattern, head: int) -> torch.Tensor:
+    def run(q, k, v, p: Pattern) -> torch.Tensor:
         if not use_native:
             if upcast and not isinstance(p, Dense):
                 q, k, v = q.float(), k.float(), v.float()
-            return SparseAttentionFunction.apply(q, k, v, make_plan(p, head, N), kernel, scale).to(dtype)
+            return SparseAttentionFunction.apply(q, k, v, make_plan(p, N), kernel, scale).to(dtype)
         pad = native.padded_dim(D) - D  # zero columns change no score; the output's are cut off
         q, k, v = (F.pad(t.float(), (0, pad)) if pad else t.float() for t in (q, k, v))
-        o = tiles_attention(q, k, v, p, head, scale)
+        o = tiles_attention(q, k, v, p, scale)
         return (o[..., :D] if pad else o).to(dtype)
 
     return by_head_groups(q, k, v, pats, run)
 
 
 def by_head_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list[Pattern], run) -> torch.Tensor:
-    """``run(q, k, v, pattern, first_head)`` once per group of heads that share a plan, reassembled
-    in head order: one call when every head shares it, slices and one cat for contiguous runs of heads."""
-    groups: dict[tuple, list[int]] = {}
+    """``run(q, k, v, pattern)`` once per group of heads that share a pattern, reassembled in head
+    order: one call when every head shares it, slices and one cat for contiguous runs of heads."""
+    groups: dict[Pattern, list[int]] = {}
     for h, p in enumerate(pats):
-        groups.setdefault(plan_key(p, h), []).append(h)
+        groups.setdefault(p, []).append(h)
     if len(groups) == 1:
-        return run(q, k, v, pats[0], 0)
+        return run(q, k, v, pats[0])
     if all(h == list(range(h[0], h[-1] + 1)) for h in groups.values()):
         # Contiguous runs of heads (the model's "multihead" split): slices and one cat,
         # whose backward is cheap, instead of gathers and index_copy.
         runs = sorted(groups.values())
-        return torch.cat([run(*(t[:, h[0] : h[-1] + 1] for t in (q, k, v)), pats[h[0]], h[0]) for h in runs], dim=1)
+        return torch.cat([run(*(t[:, h[0] : h[-1] + 1] for t in (q, k, v)), pats[h[0]]) for h in runs], dim=1)
     out = torch.empty_like(q)
     outs = []
     for heads in groups.values():
         idx = torch.tensor(heads, device=q.device)
-        outs.append((idx, run(q[:, idx], k[:, idx], v[:, idx], pats[heads[0]], heads[0])))
+        outs.append((idx, run(q[:, idx], k[:, idx], v[:, idx], pats[heads[0]])))
     # index_copy keeps autograd: each head's output comes from exactly one group.
     for idx, o in outs:
         out = out.index_copy(1, idx, o)

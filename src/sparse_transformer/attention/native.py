@@ -220,7 +220,7 @@ def query_tile(head_dim: int = 64) -> int:
 
 
 # Descriptions by key: the custom operators take a string (an operator cannot take a pattern), the
-# pattern's spec (patterns/registry.py) with the length, tile and head, so that torch.compile treats
+# pattern's spec (patterns/registry.py) with the length and tile, so that torch.compile treats
 # the description as a constant and the kernel as one opaque node. A pattern class that is not
 # registered is kept by object here (eager mode only: torch.compile needs a registered pattern).
 _OBJECTS: dict[str, object] = {}
@@ -237,12 +237,12 @@ def _pattern_token(pattern) -> str:
 
 
 @torch.compiler.assume_constant_result
-def _description_key(token: str, n: int, tile: int, head: int) -> str:
+def _description_key(token: str, n: int, tile: int) -> str:
     from ..patterns.tiles import describe
 
-    cols = describe(_pattern(token), n, tile, head).columns
+    cols = describe(_pattern(token), n, tile).columns
     N = n + (-n % cols[0] if cols else 0)  # the column layout wants a multiple of its stride
-    return f"{token}|{N}|{tile}|{head}"
+    return f"{token}|{N}|{tile}"
 
 
 def _pattern(token: str):
@@ -254,8 +254,8 @@ def _pattern(token: str):
 def _tiles(key: str):
     from ..patterns.tiles import describe
 
-    token, N, tile, head = key.rsplit("|", 3)
-    return describe(_pattern(token), int(N), int(tile), int(head))
+    token, N, tile = key.rsplit("|", 2)
+    return describe(_pattern(token), int(N), int(tile))
 
 
 def _desc(key: str) -> list:
@@ -315,13 +315,12 @@ def _tiles_backward(ctx, do, _dlse):
 tiles_fwd.register_autograd(_tiles_backward, setup_context=_tiles_setup)
 
 
-def tiles_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, head: int,
-                    scale: float) -> torch.Tensor:
+def tiles_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float) -> torch.Tensor:
     """Any pattern on the kernel, from its description; q, k, v [B, H, n, D] float32 on the CPU,
     D a kernel width (``padded_dim``), the kernel loaded; returns [B, H, n, D]."""
     B, H, n, D = q.shape
-    key = _description_key(_pattern_token(pattern), n, query_tile(D), head)
-    N = int(key.split("|")[-3])
+    key = _description_key(_pattern_token(pattern), n, query_tile(D))
+    N = int(key.split("|")[-2])
     q, k, v = (F.pad(t, (0, 0, 0, N - n)) if N > n else t for t in (q, k, v))
     q, k, v = (t.reshape(B * H, N, D).contiguous() for t in (q, k, v))
     o, _ = tiles_fwd(q, k, v, key, scale)

@@ -277,8 +277,8 @@ def _summary(l: int, c: int, s0: int, nb: int) -> list[list[SubProblem]]:
     return [grp for grp in (prefix, inner) if grp]
 
 
-def make_plan(pattern: Pattern, head: int, n: int) -> Plan:
-    """Decompose ``pattern`` (as head ``head`` sees it) for sequences of length n."""
+def make_plan(pattern: Pattern, n: int) -> Plan:
+    """Decompose ``pattern`` for sequences of length n."""
     if isinstance(pattern, Dense):
         return Plan(block=1, groups=[[Whole()]])
     if isinstance(pattern, Local):
@@ -298,9 +298,9 @@ def make_plan(pattern: Pattern, head: int, n: int) -> Plan:
     if isinstance(pattern, Fixed):
         l = pattern.stride
         nb = padded_length(n, l) // l
-        return Plan(block=l, groups=[[BlockDiagonal(b=l)]] + _summary(l, pattern.c, pattern.summary_start(head), nb))
+        return Plan(block=l, groups=[[BlockDiagonal(b=l)]] + _summary(l, pattern.c, pattern.summary_start(), nb))
     if isinstance(pattern, FixedSummary):
-        l, c, s0 = pattern.stride, pattern.c, pattern.summary_start(head)
+        l, c, s0 = pattern.stride, pattern.c, pattern.summary_start()
         nb = padded_length(n, l) // l
         return Plan(block=l, groups=[[SummaryOwnBlock(l=l, c=c, s0=s0)]] + _summary(l, c, s0, nb))
     raise ValueError(
@@ -308,8 +308,3 @@ def make_plan(pattern: Pattern, head: int, n: int) -> Plan:
         "or one of Dense, Local, Strided, StridedColumns, Fixed, FixedBlock, FixedSummary"
     )
 
-
-def plan_key(pattern: Pattern, head: int) -> tuple:
-    """Heads whose patterns give equal keys can share one batched computation."""
-    s0 = pattern.summary_start(head) if isinstance(pattern, (Fixed, FixedSummary)) else None
-    return (pattern, s0)

@@ -14,7 +14,7 @@ def reference_attention(q, k, v, patterns: list[Pattern], scale: float) -> torch
     """
     B, H, N, D = q.shape
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    masks = torch.stack([p.mask(N, head=h) for h, p in enumerate(patterns)]).to(q.device)  # (H, N, N)
+    masks = torch.stack([p.mask(N) for p in patterns]).to(q.device)  # (H, N, N)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, N, N)
     s = s.masked_fill(~masks, float("-inf"))
     empty = ~masks.any(-1, keepdim=True)  # (H, N, 1)

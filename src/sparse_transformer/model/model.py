@@ -121,8 +121,8 @@ class Attention(nn.Module):
         """One pattern-following KV cache per group of heads that share a key set."""
         H = self.n_head
         return [
-            (heads, make_cache(p, h0, B, len(heads), n_ctx, self.d_qk // H, self.d_v // H, like))
-            for heads, p, h0 in _head_groups(self.pattern, H)
+            (heads, make_cache(p, B, len(heads), n_ctx, self.d_qk // H, self.d_v // H, like))
+            for heads, p in _head_groups(self.pattern, H)
         ]
 
     @torch.no_grad()
@@ -160,14 +160,13 @@ def _join_qkv(state: dict, prefix: str, *args) -> None:
 
 
 def _head_groups(pattern, n_head: int):
-    """(head indices, pattern, first head) for heads that share one key set."""
+    """(head indices, pattern) for the heads that share one pattern."""
     from ..attention import per_head_patterns
-    from ..attention.parts import plan_key
 
     groups: dict = {}
     for h, p in enumerate(per_head_patterns(pattern, n_head)):
-        groups.setdefault(plan_key(p, h), (p, h, []))[2].append(h)
-    return [(torch.tensor(hs), p, h0) for p, h0, hs in groups.values()]
+        groups.setdefault(p, []).append(h)
+    return [(torch.tensor(hs), p) for p, hs in groups.items()]
 
 
 def gelu_sigmoid(x: torch.Tensor) -> torch.Tensor:

@@ -34,54 +34,59 @@ class Pattern:
     output from :func:`sparse_transformer.attention`.
     """
 
-    def allowed(self, i: torch.Tensor, j: torch.Tensor, head: int = 0) -> torch.Tensor:
+    def allowed(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Boolean tensor: may query i attend key j? (broadcasts i against j)."""
         raise NotImplementedError
 
-    def row_counts(self, n: int, head: int = 0) -> torch.Tensor:
+    def row_counts(self, n: int) -> torch.Tensor:
         """Number of keys each of the n queries attends, as an int64 tensor [n].
 
         The default counts ``allowed`` in chunks of rows (O(n^2) work, O(n) memory); patterns
         with a closed form override it."""
         check_int("n", n, 1)
         j = torch.arange(n)[None, :]
-        return torch.cat([self.allowed(torch.arange(a, min(n, a + 256))[:, None], j, head).sum(1)
+        return torch.cat([self.allowed(torch.arange(a, min(n, a + 256))[:, None], j).sum(1)
                           for a in range(0, n, 256)])
+
+    def per_head(self, n_head: int) -> list["Pattern"]:
+        """The pattern of each of ``n_head`` heads: this one for all, unless a pattern varies by head
+        (Fixed with ``distinct_heads``: head h summarises its own offsets)."""
+        return [self] * n_head
 
     def factors(self) -> tuple["Pattern", ...]:
         """The components whose union is this pattern (section 5.1)."""
         return (self,)
 
-    def row_keys(self, i: int, head: int = 0) -> torch.Tensor:
+    def row_keys(self, i: int) -> torch.Tensor:
         """The keys query i attends, ascending, as int64 [k] (for decoding with a KV cache, which the paper does not describe).
 
         The default reads the mask row, O(i); patterns override it with a
         closed form whose size is the row's count.
         """
         j = torch.arange(i + 1)
-        return j[self.allowed(torch.tensor(i), j, head)]
+        return j[self.allowed(torch.tensor(i), j)]
 
-    def tiles(self, n: int, tile: int, head: int = 0) -> "Tiles":
+    def tiles(self, n: int, tile: int) -> "Tiles":
         """The description the fused kernel reads (tiles.py): key intervals per tile of queries.
 
         The default evaluates ``allowed`` once per tile (O(n^2) work, like a block mask);
         patterns with a closed form override it with an O(n / tile) one."""
         from .tiles import from_allowed
 
-        return from_allowed(lambda i, j: self.allowed(i, j, head), n, tile)
+        return from_allowed(lambda i, j: self.allowed(i, j), n, tile)
 
     # ------------------------------------------------------------------ derived
-    def mask(self, n: int, head: int = 0) -> torch.Tensor:
+    def mask(self, n: int) -> torch.Tensor:
         """The reference connectivity: a BoolTensor [n, n], True where i may attend j."""
         check_int("n", n, 1)
         idx = torch.arange(n)
-        return self.allowed(idx[:, None], idx[None, :], head)
+        return self.allowed(idx[:, None], idx[None, :])
 
-    def num_pairs(self, n: int, head: int = 0) -> int:
+    def num_pairs(self, n: int) -> int:
         """Number of allowed (query, key) pairs for a sequence of length n."""
         check_int("n", n, 1)
-        return int(self.row_counts(n, head).sum())
+        return int(self.row_counts(n).sum())
 
-    def density(self, n: int, head: int = 0) -> float:
+    def density(self, n: int) -> float:
         """Allowed pairs as a fraction of the n(n+1)/2 causal pairs (dense = 1.0)."""
-        return self.num_pairs(n, head) / (n * (n + 1) / 2)
+        return self.num_pairs(n) / (n * (n + 1) / 2)

@@ -50,14 +50,14 @@ class BigBird(Pattern):
             t[qb, list(_random_blocks(self.seed, self.n_random_blocks, qb))] = True
         return t
 
-    def allowed(self, i, j, head=0):
+    def allowed(self, i, j):
         i, j = torch.as_tensor(i), torch.as_tensor(j)
         g = self.n_global * self.block
         nb = int(max(int(i.max()), int(j.max()), 0)) // self.block + 1
         rnd = self.random_table(nb)[i // self.block, j // self.block]
         return (j <= i) & ((i - j < self.window) | (j < g) | (i < g) | rnd)
 
-    def tiles(self, n: int, tile: int, head: int = 0) -> Tiles:
+    def tiles(self, n: int, tile: int) -> Tiles:
         g = self.n_global * self.block
 
         def rules(r0: int, r1: int):
@@ -69,4 +69,4 @@ class BigBird(Pattern):
             randoms = _random_blocks(self.seed, self.n_random_blocks, qb)
             return [(0, g)] + [(b * self.block, (b + 1) * self.block) for b in randoms], self.window
 
-        return from_tile_rules(self, n, tile, head, rules)
+        return from_tile_rules(self, n, tile, rules)

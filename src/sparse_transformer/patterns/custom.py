@@ -33,14 +33,14 @@ class Custom(Pattern):
         if self.name is not None:
             register_instance(self.name, self)
 
-    def allowed(self, i, j, head=0):
+    def allowed(self, i, j):
         i, j = torch.as_tensor(i), torch.as_tensor(j)
         ok = torch.as_tensor(self.allowed_fn(i, j))
         if ok.dtype != torch.bool:
             raise ValueError(f"Custom {self.name or ''}: allowed(q_idx, k_idx) must return a bool tensor, got {ok.dtype}")
         return ok & (j <= i)
 
-    def tiles(self, n: int, tile: int, head: int = 0) -> Tiles:
+    def tiles(self, n: int, tile: int) -> Tiles:
         return from_allowed(lambda i, j: self.allowed(i, j), n, tile, self.block)
 
     def __repr__(self) -> str:

@@ -15,14 +15,14 @@ from .tiles import band
 class Dense(Pattern):
     """Query i attends every key j <= i."""
 
-    def allowed(self, i, j, head=0):
+    def allowed(self, i, j):
         return j <= i
 
-    def row_counts(self, n, head=0):
+    def row_counts(self, n):
         return torch.arange(n) + 1
 
-    def row_keys(self, i, head=0):
+    def row_keys(self, i):
         return torch.arange(i + 1)
 
-    def tiles(self, n, tile, head=0):
+    def tiles(self, n, tile):
         return band(n, tile, 0)

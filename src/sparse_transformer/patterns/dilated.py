@@ -28,15 +28,15 @@ class DilatedWindow(Pattern):
         check_int("window", self.window, 1)
         check_int("dilation", self.dilation, 1)
 
-    def allowed(self, i, j, head=0):
+    def allowed(self, i, j):
         d = i - j
         return (d >= 0) & (d % self.dilation == 0) & (d // self.dilation < self.window)
 
-    def row_counts(self, n, head=0):
+    def row_counts(self, n):
         return torch.clamp(torch.arange(n) // self.dilation + 1, max=self.window)
 
-    def row_keys(self, i, head=0):
+    def row_keys(self, i):
         return torch.arange(i % self.dilation, i + 1, self.dilation)[-self.window:]
 
-    def tiles(self, n, tile, head=0):
+    def tiles(self, n, tile):
         return columns_only(n, tile, self.dilation, strict=False, window=self.window)

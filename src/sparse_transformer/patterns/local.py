@@ -20,14 +20,14 @@ class Local(Pattern):
     def __post_init__(self):
         check_int("window", self.window, 1)
 
-    def allowed(self, i, j, head=0):
+    def allowed(self, i, j):
         return (j <= i) & (i - j < self.window)
 
-    def row_counts(self, n, head=0):
+    def row_counts(self, n):
         return torch.clamp(torch.arange(n) + 1, max=self.window)
 
-    def row_keys(self, i, head=0):
+    def row_keys(self, i):
         return torch.arange(max(0, i - self.window + 1), i + 1)
 
-    def tiles(self, n, tile, head=0):
+    def tiles(self, n, tile):
         return band(n, tile, self.window)

@@ -37,12 +37,12 @@ class Longformer(Pattern):
         g = self.global_positions
         return torch.arange(g) if isinstance(g, int) else torch.tensor(g, dtype=torch.long)
 
-    def allowed(self, i, j, head=0):
+    def allowed(self, i, j):
         i, j = torch.as_tensor(i), torch.as_tensor(j)
         g = self.positions()
         return (j <= i) & ((i - j < self.window) | torch.isin(j, g) | torch.isin(i, g))
 
-    def tiles(self, n: int, tile: int, head: int = 0) -> Tiles:
+    def tiles(self, n: int, tile: int) -> Tiles:
         g = self.positions()
         runs = _runs(g[g < n].tolist())
 
@@ -54,7 +54,7 @@ class Longformer(Pattern):
                 return None  # a tile of global and other queries: its exact mask
             return runs, self.window
 
-        return from_tile_rules(self, n, tile, head, rules)
+        return from_tile_rules(self, n, tile, rules)
 
 
 def _runs(pos: list[int]) -> list[tuple[int, int]]:

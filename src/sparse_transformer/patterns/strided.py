@@ -25,16 +25,16 @@ class StridedColumns(Pattern):
     def __post_init__(self):
         check_int("stride", self.stride, 1)
 
-    def allowed(self, i, j, head=0):
+    def allowed(self, i, j):
         return (j <= i) & ((i - j) % self.stride == 0)
 
-    def row_counts(self, n, head=0):
+    def row_counts(self, n):
         return torch.arange(n) // self.stride + 1
 
-    def row_keys(self, i, head=0):
+    def row_keys(self, i):
         return torch.arange(i % self.stride, i + 1, self.stride)
 
-    def tiles(self, n, tile, head=0):
+    def tiles(self, n, tile):
         """No tile intervals: only the transposed layout, diagonal included (section 5.5)."""
         return columns_only(n, tile, self.stride, strict=False)
 
@@ -49,15 +49,15 @@ class Strided(Pattern):
     def __post_init__(self):
         check_int("stride", self.stride, 1)
 
-    def allowed(self, i, j, head=0):
+    def allowed(self, i, j):
         d = i - j
         return (d >= 0) & ((d < self.stride) | (d % self.stride == 0))
 
-    def row_counts(self, n, head=0):
+    def row_counts(self, n):
         i = torch.arange(n)
         return torch.clamp(i + 1, max=self.stride) + i // self.stride
 
-    def row_keys(self, i, head=0):
+    def row_keys(self, i):
         local_start = max(0, i - self.stride + 1)
         start = i % self.stride
         far = torch.arange(start, max(start, local_start), self.stride)  # (i - j) % stride == 0, i - j >= stride
@@ -66,6 +66,6 @@ class Strided(Pattern):
     def factors(self):
         return (Local(self.stride), StridedColumns(self.stride))
 
-    def tiles(self, n, tile, head=0):
+    def tiles(self, n, tile):
         """The band of ``stride`` in tiles, plus the columns in the transposed layout (section 5.5)."""
         return band(n, tile, self.stride, columns=(self.stride, True, 0))

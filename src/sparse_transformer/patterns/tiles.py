@@ -167,7 +167,7 @@ def from_allowed(allowed, n: int, tile: int, block: int | None = None) -> Tiles:
     return from_intervals(n, tile, cols[0], *cols[1:], masks=pool.tensor())
 
 
-def from_tile_rules(pattern, n: int, tile: int, head: int, rules) -> Tiles:
+def from_tile_rules(pattern, n: int, tile: int, rules) -> Tiles:
     """A description from per-tile rules: ``rules(r0, r1)`` gives, for the tile of queries r0..r1-1,
     ``(full, window)``: key ranges [a, b) that every query of the tile attends, plus a causal band of
     ``window`` (0: every earlier key); or None, and the tile gets its exact mask from
@@ -190,7 +190,7 @@ def from_tile_rules(pattern, n: int, tile: int, head: int, rules) -> Tiles:
             merged = []
         entries += [(t, 0, a, min(b, lo), FULL, 0) for a, b in merged if a < lo]
         i, j = torch.arange(r0, r1)[:, None], torch.arange(lo, r1)[None, :]
-        ok = pattern.allowed(i, j, head) & (j <= i)
+        ok = pattern.allowed(i, j) & (j <= i)
         for s, e, kind, m in tile_intervals(ok, r0, tile, lo):
             entries.append((t, 0, s, e, kind, pool.add(m)))
     cols = torch.tensor(entries, dtype=torch.int64).reshape(-1, 6).T
@@ -229,6 +229,6 @@ class _Pool:
 
 
 @functools.lru_cache(maxsize=64)
-def describe(pattern, n: int, tile: int, head: int = 0) -> Tiles:
-    """``pattern.tiles(n, tile, head)``, cached (patterns are frozen dataclasses)."""
-    return pattern.tiles(n, tile, head)
+def describe(pattern, n: int, tile: int) -> Tiles:
+    """``pattern.tiles(n, tile)``, cached (patterns are frozen dataclasses)."""
+    return pattern.tiles(n, tile)
