@@ -69,3 +69,12 @@ def test_native_kernel_runs_every_pattern(n):
         assert torch.allclose(o.double(), r, atol=1e-5), pattern
         for a, b in zip(got, want):
             assert torch.allclose(a.grad.double(), b.grad, atol=1e-5), pattern
+
+
+def test_mask_mod_equals_the_mask():
+    """The predicate handed to FlexAttention (bench attention --against flex) is the pattern."""
+    i = torch.arange(70)
+    for p in every_pattern(8, 2):
+        for q in p.per_head(2):
+            assert torch.equal(q.mask_mod(70)(i[:, None], i[None, :]), q.mask(70)), q
+    assert torch.equal(P.Longformer(6, (2, 9)).mask_mod(70)(i[:, None], i[None, :]), P.Longformer(6, (2, 9)).mask(70))

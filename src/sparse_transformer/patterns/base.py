@@ -48,6 +48,11 @@ class Pattern:
         return torch.cat([self.allowed(torch.arange(a, min(n, a + 256))[:, None], j).sum(1)
                           for a in range(0, n, 256)])
 
+    def mask_mod(self, n: int):
+        """``allowed`` as a predicate FlexAttention can trace (``bench attention --against flex``):
+        no data-dependent Python, valid for positions below n."""
+        return self.allowed
+
     def per_head(self, n_head: int) -> list["Pattern"]:
         """The pattern of each of ``n_head`` heads: this one for all, unless a pattern varies by head
         (Fixed with ``distinct_heads``: head h summarises its own offsets)."""

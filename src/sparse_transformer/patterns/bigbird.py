@@ -50,6 +50,11 @@ class BigBird(Pattern):
             t[qb, list(_random_blocks(self.seed, self.n_random_blocks, qb))] = True
         return t
 
+    def mask_mod(self, n):
+        table = self.random_table(-(-n // self.block))
+        g, b, w = self.n_global * self.block, self.block, self.window
+        return lambda i, j: (j <= i) & ((i - j < w) | (j < g) | (i < g) | table[i // b, j // b])
+
     def allowed(self, i, j):
         i, j = torch.as_tensor(i), torch.as_tensor(j)
         g = self.n_global * self.block

@@ -37,6 +37,12 @@ class Longformer(Pattern):
         g = self.global_positions
         return torch.arange(g) if isinstance(g, int) else torch.tensor(g, dtype=torch.long)
 
+    def mask_mod(self, n):
+        is_global = torch.zeros(n, dtype=torch.bool)
+        g = self.positions()
+        is_global[g[g < n]] = True
+        return lambda i, j: (j <= i) & ((i - j < self.window) | is_global[j] | is_global[i])
+
     def allowed(self, i, j):
         i, j = torch.as_tensor(i), torch.as_tensor(j)
         g = self.positions()
