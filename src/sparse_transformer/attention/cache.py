@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import Fixed, FixedBlock, FixedSummary, Pattern
+from ..patterns import Pattern
 
 
 class FullCache:
@@ -41,17 +41,19 @@ class FullCache:
 
 
 class FixedCache:
-    """Fixed(l, c) and its factors: the summaries of finished blocks + the current block.
+    """Fixed(l, c) and its factors (decompositions of "blocks", "summaries" and "own_summary" parts):
+    the summaries of finished blocks + the current block.
 
     Summaries [B, h, (n_ctx / l) * c, D] fill as blocks finish; the block store
     [B, h, l, D] is reused by each new block.
     """
 
     def __init__(self, pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
-        self.pattern, self.l, self.batch = pattern, pattern.stride, B
-        self.summaries = not isinstance(pattern, FixedBlock)
-        self.c = 0 if not self.summaries else pattern.c
-        self.s0 = 0 if not self.summaries else pattern.summary_start()
+        parts = {name: args for name, *args in pattern.decomposition()}
+        self.pattern, self.batch = pattern, B
+        self.l, self.c, self.s0 = parts["summaries"] if "summaries" in parts else (parts["blocks"][0], 0, 0)
+        self.summaries = "summaries" in parts
+        self.own_summary_only = "own_summary" in parts  # FixedSummary: of its own block, the summary columns
         nb = -(-n_ctx // self.l)
         self.sk = like.new_zeros(B, h, nb * self.c, dk)
         self.sv = like.new_zeros(B, h, nb * self.c, dv)
@@ -83,7 +85,7 @@ class FixedCache:
 
     def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         off, done = t % self.l, (t // self.l) * self.c  # summaries of the finished blocks
-        if isinstance(self.pattern, FixedSummary):
+        if self.own_summary_only:
             own = slice(self.s0, min(off, self.s0 + self.c - 1) + 1) if off >= self.s0 else slice(0, 0)
         else:
             own = slice(0, off + 1)  # the current block up to t
@@ -97,5 +99,6 @@ class FixedCache:
 
 def make_cache(pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
     """The cache for heads that use ``pattern``."""
-    kind = FixedCache if isinstance(pattern, (Fixed, FixedBlock, FixedSummary)) else FullCache
+    parts = {name for name, *_ in pattern.decomposition() or []}
+    kind = FixedCache if parts and parts <= {"blocks", "summaries", "own_summary"} else FullCache
     return kind(pattern, B, h, n_ctx, dk, dv, like)

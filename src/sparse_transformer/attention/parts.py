@@ -22,16 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..patterns import (
-    Dense,
-    Fixed,
-    FixedBlock,
-    FixedSummary,
-    Local,
-    Pattern,
-    Strided,
-    StridedColumns,
-)
+from ..patterns import Pattern
 
 
 def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:
@@ -277,34 +268,28 @@ def _summary(l: int, c: int, s0: int, nb: int) -> list[list[SubProblem]]:
     return [grp for grp in (prefix, inner) if grp]
 
 
-def make_plan(pattern: Pattern, n: int) -> Plan:
-    """Decompose ``pattern`` for sequences of length n."""
-    if isinstance(pattern, Dense):
-        return Plan(block=1, groups=[[Whole()]])
-    if isinstance(pattern, Local):
-        b = pattern.window
-        return Plan(block=b, groups=_local(b, padded_length(n, b) // b))
-    if isinstance(pattern, Strided):
-        l = pattern.stride
-        m = padded_length(n, l) // l
-        groups = _local(l, m)
-        if m > 1:
-            groups.append([Columns(l=l, strict=True)])
-        return Plan(block=l, groups=groups)
-    if isinstance(pattern, StridedColumns):
-        return Plan(block=pattern.stride, groups=[[Columns(l=pattern.stride, strict=False)]])
-    if isinstance(pattern, FixedBlock):
-        return Plan(block=pattern.stride, groups=[[BlockDiagonal(b=pattern.stride)]])
-    if isinstance(pattern, Fixed):
-        l = pattern.stride
-        nb = padded_length(n, l) // l
-        return Plan(block=l, groups=[[BlockDiagonal(b=l)]] + _summary(l, pattern.c, pattern.summary_start(), nb))
-    if isinstance(pattern, FixedSummary):
-        l, c, s0 = pattern.stride, pattern.c, pattern.summary_start()
-        nb = padded_length(n, l) // l
-        return Plan(block=l, groups=[[SummaryOwnBlock(l=l, c=c, s0=s0)]] + _summary(l, c, s0, nb))
-    raise ValueError(
-        f"no fast decomposition for pattern {pattern!r}; use backend='reference' "
-        "or one of Dense, Local, Strided, StridedColumns, Fixed, FixedBlock, FixedSummary"
-    )
+def _columns(n: int, l: int, strict: bool) -> list[list[SubProblem]]:
+    return [[Columns(l=l, strict=strict)]] if padded_length(n, l) // l > 1 or not strict else []
 
+
+# Each part of a pattern's decomposition (Pattern.decomposition) -> its groups of sub-problems.
+_PARTS = {
+    "whole": lambda n: [[Whole()]],
+    "band": lambda n, w: _local(w, padded_length(n, w) // w),
+    "columns": _columns,
+    "blocks": lambda n, l: [[BlockDiagonal(b=l)]],
+    "own_summary": lambda n, l, c, s0: [[SummaryOwnBlock(l=l, c=c, s0=s0)]],
+    "summaries": lambda n, l, c, s0: _summary(l, c, s0, padded_length(n, l) // l),
+}
+
+
+def make_plan(pattern: Pattern, n: int) -> Plan:
+    """Decompose ``pattern`` for sequences of length n, from ``pattern.decomposition()``."""
+    parts = pattern.decomposition()
+    if not parts:
+        raise ValueError(f"no fast decomposition for pattern {pattern!r}; use backend='reference' or the native kernel")
+    sizes = {p[1] for p in parts if len(p) > 1}
+    if len(sizes) > 1:
+        raise ValueError(f"{pattern!r}: the parts of a decomposition share one block length, got {sorted(sizes)}")
+    groups = [g for name, *args in parts for g in _PARTS[name](n, *args)]
+    return Plan(block=sizes.pop() if sizes else 1, groups=groups)

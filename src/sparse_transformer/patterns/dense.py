@@ -24,5 +24,8 @@ class Dense(Pattern):
     def row_keys(self, i):
         return torch.arange(i + 1)
 
+    def decomposition(self):
+        return [("whole",)]
+
     def tiles(self, n, tile):
         return band(n, tile, 0)

@@ -96,6 +96,9 @@ class FixedBlock(Pattern):
     def row_keys(self, i):
         return torch.arange(i - i % self.stride, i + 1)
 
+    def decomposition(self):
+        return [("blocks", self.stride)]
+
     def tiles(self, n, tile):
         return _fixed_tiles(self, n, tile, summaries=False, own_start=None)
 
@@ -136,6 +139,10 @@ class FixedSummary(Pattern):
 
     def row_keys(self, i):
         return _summary_keys(self.stride, self.c, self.summary_start(), i + 1)
+
+    def decomposition(self):
+        return [("own_summary", self.stride, self.c, self.summary_start()),
+                ("summaries", self.stride, self.c, self.summary_start())]
 
     def tiles(self, n, tile):
         return _fixed_tiles(self, n, tile, summaries=True, own_start=self.summary_start())
@@ -182,6 +189,9 @@ class Fixed(Pattern):
 
     def factors(self):
         return (FixedBlock(self.stride), FixedSummary(self.stride, self.c, self.distinct_heads, self.summary))
+
+    def decomposition(self):
+        return [("blocks", self.stride), ("summaries", self.stride, self.c, self.summary_start())]
 
     def tiles(self, n, tile):
         return _fixed_tiles(self, n, tile, summaries=True, own_start=None)

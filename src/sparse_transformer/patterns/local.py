@@ -29,5 +29,8 @@ class Local(Pattern):
     def row_keys(self, i):
         return torch.arange(max(0, i - self.window + 1), i + 1)
 
+    def decomposition(self):
+        return [("band", self.window)]
+
     def tiles(self, n, tile):
         return band(n, tile, self.window)

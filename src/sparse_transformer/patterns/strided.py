@@ -34,6 +34,9 @@ class StridedColumns(Pattern):
     def row_keys(self, i):
         return torch.arange(i % self.stride, i + 1, self.stride)
 
+    def decomposition(self):
+        return [("columns", self.stride, False)]
+
     def tiles(self, n, tile):
         """No tile intervals: only the transposed layout, diagonal included (section 5.5)."""
         return columns_only(n, tile, self.stride, strict=False)
@@ -65,6 +68,9 @@ class Strided(Pattern):
 
     def factors(self):
         return (Local(self.stride), StridedColumns(self.stride))
+
+    def decomposition(self):
+        return [("band", self.stride), ("columns", self.stride, True)]
 
     def tiles(self, n, tile):
         """The band of ``stride`` in tiles, plus the columns in the transposed layout (section 5.5)."""
