@@ -184,7 +184,7 @@ def test_non_contiguous_inputs():
     "args,match",
     [
         ((torch.randn(2, 8, 4),) * 3, "must be 4-D"),
-        ((torch.randn(1, 2, 8, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 8, 4)), "same shape"),
+        ((torch.randn(1, 2, 8, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 8, 4)), "k, v \\[B, H, N, D\\] with L <= N"),
         ((torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4).double(), torch.randn(1, 2, 8, 4)), "same dtype"),
         ((torch.randint(0, 3, (1, 2, 8, 4)),) * 3, "dtype must be one of"),
     ],

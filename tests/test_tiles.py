@@ -78,3 +78,33 @@ def test_mask_mod_equals_the_mask():
         for q in p.per_head(2):
             assert torch.equal(q.mask_mod(70)(i[:, None], i[None, :]), q.mask(70)), q
     assert torch.equal(P.Longformer(6, (2, 9)).mask_mod(70)(i[:, None], i[None, :]), P.Longformer(6, (2, 9)).mask(70))
+
+
+@pytest.mark.parametrize("backend", ["native", "cpu", "auto"])
+def test_queries_may_be_the_last_positions_of_longer_keys(backend):
+    """q [B, H, L, D] with k, v [B, H, N, D]: the queries are positions N-L..N-1 (chunked prefill);
+    outputs and gradients equal the last L rows of full attention, for L not a multiple of the tile."""
+    g = torch.Generator().manual_seed(1)
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    for pattern in every_pattern(8, 2)[1:]:
+        for N, L in ((100, 1), (100, 37), (64, 64), (130, 90)):
+            q, k, v = (torch.randn(2, 3, N, 16, generator=g, dtype=dtype) for _ in range(3))
+            ql = q[:, :, N - L :].clone().requires_grad_()
+            kl, vl = k.clone().requires_grad_(), v.clone().requires_grad_()
+            got = sp.attention(ql, kl, vl, pattern, backend=backend)
+            qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+            want = sp.attention(qd, kd, vd, pattern, backend="reference")[:, :, N - L :]
+            assert got.shape == (2, 3, L, 16)
+            assert torch.allclose(got.double(), want, atol=1e-5), (pattern, N, L)
+            do = torch.randn(2, 3, L, 16, generator=g, dtype=torch.float64)
+            (got.double() * do).sum().backward()
+            (want * do).sum().backward()
+            assert torch.allclose(ql.grad.double(), qd.grad[:, :, N - L :], atol=1e-5), (pattern, N, L)
+            assert torch.allclose(kl.grad.double(), kd.grad, atol=1e-5), (pattern, N, L)
+            assert torch.allclose(vl.grad.double(), vd.grad, atol=1e-5), (pattern, N, L)
+
+
+def test_longer_queries_than_keys_are_an_error():
+    q, k = torch.randn(1, 2, 10, 8), torch.randn(1, 2, 9, 8)
+    with pytest.raises(ValueError, match="L <= N"):
+        sp.attention(q, k, k, P.Strided(4))

@@ -56,12 +56,12 @@ static Desc describe(const Case *c, float scale, int *ptr, int *iv, int *gpos, u
         maxw = imax(maxw, W);
     }
     ptr[ntiles] = n;
-    Desc d = {N, ntiles, imax(maxw, 1), ng, ptr, iv, gpos, masks, scale};
+    Desc d = {N, ntiles, imax(maxw, 1), ng, 0, ptr, iv, gpos, masks, scale};
     return d;
 }
 
 /* Dense masked attention of one sequence and its gradients, in double. */
-static void naive(int N, int w, int l, int strict, float scale, const float *q, const float *k, const float *v,
+static void naive(int N, int q0, int w, int l, int strict, float scale, const float *q, const float *k, const float *v,
                   const float *dout, double *o, double *dq, double *dk, double *dv)
 {
     double *p = calloc((size_t)N * N, sizeof(double));
@@ -69,7 +69,7 @@ static void naive(int N, int w, int l, int strict, float scale, const float *q, 
     memset(dq, 0, sizeof(double) * N * HD);
     memset(dk, 0, sizeof(double) * N * HD);
     memset(dv, 0, sizeof(double) * N * HD);
-    for (int i = 0; i < N; i++) {
+    for (int i = q0; i < N; i++) { /* queries q0..N-1 only */
         double m = -INFINITY, sum = 0;
         for (int j = 0; j < N; j++) {
             if (!allowed(i, j, w, l, strict)) continue;
@@ -147,15 +147,15 @@ int main(void)
         int nt = (cur->kind == BANDED && w == 0) || cur->kind == DILATED_COLUMNS ? 0 : d.ntiles, rc = 0;
         for (int threads = 1; threads <= 4; threads *= 4) { /* 1: sequences per thread; 4 > BH: shared sequences */
             memset(dq, 0, sizeof(float) * n), memset(dk, 0, sizeof(float) * n), memset(dv, 0, sizeof(float) * n);
-            rc |= st_tiles_forward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, cw, scale, threads, q, k, v, o, lse);
-            rc |= st_tiles_backward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, cw, scale, threads, q, k, v,
+            rc |= st_tiles_forward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, cw, 0, scale, threads, q, k, v, o, lse);
+            rc |= st_tiles_backward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, cw, 0, scale, threads, q, k, v,
                                     o, dout, lse, dq, dk, dv);
         }
         free(ptr), free(iv), free(gpos), free(masks);
         double *ref = malloc(sizeof(double) * 4 * N * HD), err = 0;
         for (int b = 0; b < BH; b++) {
             size_t off = (size_t)b * N * HD;
-            naive(N, w, l, strict, scale, q + off, k + off, v + off, dout + off, ref, ref + N * HD,
+            naive(N, 0, w, l, strict, scale, q + off, k + off, v + off, dout + off, ref, ref + N * HD,
                   ref + 2 * N * HD, ref + 3 * N * HD);
             const float *got[4] = {o + off, dq + off, dk + off, dv + off};
             for (int g = 0; g < 4; g++) {
@@ -163,10 +163,30 @@ int main(void)
                 if (!(e <= err)) err = e;
             }
         }
+        /* The queries as the last positions: q0 = TQ (a tile boundary), one sequence, rows q0.. of q. */
+        int q0 = N > TQ ? TQ : 0;
+        if (q0) {
+            size_t NQ = (size_t)(N - q0) * HD;
+            float *o2 = calloc(NQ, sizeof(float)), *dq2 = calloc(NQ, sizeof(float)), *lse2 = malloc(sizeof(float) * N);
+            float *dk2 = calloc((size_t)N * HD, sizeof(float)), *dv2 = calloc((size_t)N * HD, sizeof(float));
+            ptr = malloc(sizeof(int) * (N / TQ + 2)), iv = malloc(sizeof(int) * 10 * (N / TQ + 2));
+            gpos = malloc(sizeof(int) * (N + 1)), masks = malloc((size_t)N * N + 1);
+            d = describe(cur, scale, ptr, iv, gpos, masks);
+            rc |= st_tiles_forward(1, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, cw, q0, scale, 2,
+                                   q + q0 * HD, k, v, o2, lse2);
+            rc |= st_tiles_backward(1, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, cw, q0, scale, 2,
+                                    q + q0 * HD, k, v, o2, dout + q0 * HD, lse2, dq2, dk2, dv2);
+            naive(N, q0, w, l, strict, scale, q, k, v, dout, ref, ref + N * HD, ref + 2 * N * HD, ref + 3 * N * HD);
+            double e[4] = {maxdiff(o2, ref + q0 * HD, NQ), maxdiff(dq2, ref + N * HD + q0 * HD, NQ),
+                           maxdiff(dk2, ref + 2 * N * HD, (size_t)N * HD), maxdiff(dv2, ref + 3 * N * HD, (size_t)N * HD)};
+            for (int g = 0; g < 4; g++)
+                if (!(e[g] <= err)) err = e[g];
+            free(o2), free(dq2), free(lse2), free(dk2), free(dv2), free(ptr), free(iv), free(gpos), free(masks);
+        }
         int ok = rc == 0 && err < 1e-4;
         failed |= !ok;
-        printf("%s VL=%d TQ=%d HD=%d N=%d kind=%d w=%d l=%d strict=%d max error %.2e\n", ok ? "ok  " : "FAIL", VL, TQ,
-               HD, N, cur->kind, w, l, strict, err);
+        printf("%s VL=%d TQ=%d HD=%d N=%d kind=%d w=%d l=%d strict=%d (and q0=%d) max error %.2e\n", ok ? "ok  " : "FAIL",
+               VL, TQ, HD, N, cur->kind, w, l, strict, q0, err);
         for (int i = 0; i < 8; i++) free(t[i]);
         free(lse);
         free(ref);

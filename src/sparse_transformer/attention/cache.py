@@ -40,6 +40,13 @@ class FullCache:
         return self.k.nbytes + self.v.nbytes
 
 
+class DenseCache(FullCache):
+    """Every position, and a step reads all of 0..t: the dense KV-cache baseline (``bench sample``)."""
+
+    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, : t + 1], self.v[:, :, : t + 1]
+
+
 class FixedCache:
     """Fixed(l, c) and its factors (decompositions of "blocks", "summaries" and "own_summary" parts):
     the summaries of finished blocks + the current block.

@@ -35,9 +35,10 @@ def _check_inputs(q, k, v) -> None:
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or q.shape[2] > k.shape[2]:
         raise ValueError(
-            f"q, k, v must have the same shape [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            "q must be [B, H, L, D] and k, v [B, H, N, D] with L <= N (the queries are the last L positions), "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -45,8 +46,8 @@ def _check_inputs(q, k, v) -> None:
         raise ValueError(f"dtype must be one of float32, float64, bfloat16, float16, got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[2] < 1 or q.shape[3] < 1 or q.shape[0] < 1 or q.shape[1] < 1:
-        raise ValueError(f"every dimension of [B, H, N, D] must be >= 1, got {tuple(q.shape)}")
+    if min(q.shape) < 1:
+        raise ValueError(f"every dimension of [B, H, L, D] must be >= 1, got {tuple(q.shape)}")
 
 
 def _use_native(q: torch.Tensor, pats: list[Pattern], backend: str) -> bool:
@@ -137,7 +138,8 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list[Pa
 
     Queries with no allowed key (only some factor patterns have them) get zeros, as on every other path.
     """
-    mask = _pattern_mask(tuple(pats), q.shape[2]).to(q.device)
+    N = k.shape[2]
+    mask = _pattern_mask(tuple(pats), N)[:, N - q.shape[2] :].to(q.device)  # the rows of the queries
     dtype = q.dtype
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
@@ -175,6 +177,10 @@ def attention(
 ) -> torch.Tensor:
     """Causal attention restricted to ``pattern``; q, k, v and the result are [B, H, N, D].
 
+    q may be shorter, [B, H, L, D] with L <= N: the queries are then the last L positions
+    N-L..N-1 of the keys (chunked prefill), and the result is [B, H, L, D]. The native kernel
+    computes only those rows; the decomposition (float64, CUDA) computes all N and keeps L.
+
     ``pattern`` is one Pattern for all heads, or a sequence of H patterns (head h
     uses ``pattern[h]``; this is the paper's "multi-head" combination, section 5.1).
     A Fixed pattern with ``distinct_heads`` stands for ``pattern.per_head(H)``: one Fixed per head,
@@ -206,7 +212,7 @@ def attention(
     _check_inputs(q, k, v)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    H, N, D, dtype = q.shape[1], q.shape[2], q.shape[3], q.dtype
+    H, L, N, D, dtype = q.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype
     pats = per_head_patterns(pattern, H)
     if scale is None:
         scale = default_scale(D)
@@ -214,7 +220,7 @@ def attention(
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if backend == "reference":
         return reference_attention(q, k, v, pats, scale)
-    path = choose_path(q, pats, backend)
+    path = choose_path(k, pats, backend)  # by the keys' length
     use_native = path == "native"
     # On the CPU, bfloat16/float16 SDPA with masks and gathers is slower than float32 (2048 positions, D 32:
     # Fixed forward+backward 0.047 s in bfloat16 against 0.026 s upcast), so the decomposition of a sparse
@@ -228,7 +234,10 @@ def attention(
         if not use_native:
             if upcast and not isinstance(p, Dense):
                 q, k, v = q.float(), k.float(), v.float()
-            return SparseAttentionFunction.apply(q, k, v, make_plan(p, N), kernel, scale).to(dtype)
+            if L < N:  # the decomposition works on whole sequences: zero queries in front, cut off after
+                q = F.pad(q, (0, 0, N - L, 0))
+            o = SparseAttentionFunction.apply(q, k, v, make_plan(p, N), kernel, scale).to(dtype)
+            return o[:, :, N - L :] if L < N else o
         pad = native.padded_dim(D) - D  # zero columns change no score; the output's are cut off
         q, k, v = (F.pad(t.float(), (0, pad)) if pad else t.float() for t in (q, k, v))
         o = tiles_attention(q, k, v, p, scale)

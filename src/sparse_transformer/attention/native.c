@@ -14,8 +14,9 @@
  * Nothing of size N x N exists and no key outside the description is read:
  * the upper triangle is never computed.
  *
- * Layout: q, k, v, o, do, dq, dk, dv are [BH][N][HD] contiguous float32;
- * lse is [BH][N]. N is a multiple of l for the column pass. HD (the head
+ * Layout: k, v, dk, dv are [BH][N][HD] contiguous float32; the queries are
+ * positions q0..N-1 (q0 a multiple of TQ; 0 for self-attention): q, o, do, dq
+ * are [BH][N - q0][HD] and lse [BH][N - q0]. N is a multiple of l for the column pass. HD (the head
  * width) is fixed at compile time (-DHD=64); it must be a multiple of 16.
  * Plain C with GCC/Clang vector extensions, OpenMP for the threads; the
  * vector width follows the target instruction set (see VL below).
@@ -336,6 +337,7 @@ static void scale_rows(float *O, int rows, const float *inv)
  * Or and returns lse; backward adds into dQr, dKr, dVr. */
 typedef struct {
     int N, l, strict, w; /* w: the column pass's window (0: the whole column) */
+    int q0;              /* queries are positions q0..N-1: rows i - q0 of q, o, lse, dq, dout */
     float scale;
 } Shape;
 
@@ -373,10 +375,14 @@ static size_t col_buf_floats(int M)
     return sizeof(TileScratch) / sizeof(float) + 4 * (size_t)M * HD + 2 * (size_t)M * TQ + TQ * HD + 2 * (size_t)M + 64;
 }
 
-static void gather(const float *X, int M, int l, int c, float *dst)
+/* Rows m0.. of column c: positions m * l + c, read from row m * l + c - q0 of X. */
+static void gather(const float *X, int m0, int M, int l, int c, int q0, float *dst)
 {
-    for (int m = 0; m < M; m++) memcpy(dst + (size_t)m * HD, X + ((size_t)m * l + c) * HD, sizeof(float) * HD);
+    for (int m = m0; m < M; m++) memcpy(dst + (size_t)m * HD, X + ((size_t)m * l + c - q0) * HD, sizeof(float) * HD);
 }
+
+/* The first row of column c that is a query (position >= q0). */
+static int first_query(const Shape *sh, int c) { return sh->q0 > c ? (sh->q0 - c + sh->l - 1) / sh->l : 0; }
 
 /* Queries m0..m0+TQ-1 of a column attend keys m-w < j <= m (w = 0: from 0), strictly before m
  * when strict; they are read from key j0 on. Returns the key count. */
@@ -399,10 +405,11 @@ static void col_fwd(const Shape *sh, const float *Q, const float *K, const float
     TileScratch *ts = (TileScratch *)buf;
     float *Qc = (float *)(ts + 1), *Kc = Qc + (size_t)M * HD, *Vc = Kc + (size_t)M * HD;
     float *St = Vc + (size_t)M * HD, *Ot = St + (size_t)M * TQ;
-    gather(Q, M, l, c, Qc);
-    gather(K, M, l, c, Kc);
-    gather(V, M, l, c, Vc);
-    for (int m0 = 0; m0 < M; m0 += TQ) {
+    int ms = first_query(sh, c);
+    gather(Q, ms, M, l, c, sh->q0, Qc);
+    gather(K, 0, M, l, c, 0, Kc);
+    gather(V, 0, M, l, c, 0, Vc);
+    for (int m0 = ms; m0 < M; m0 += TQ) {
         int rows, j0, W = col_window(sh, m0, M, ts, &rows, &j0);
         if (W > 0) {
             tile_fwd(Qc + (size_t)m0 * HD, Kc + (size_t)j0 * HD, Vc + (size_t)j0 * HD, rows, W, ts, St, Ot, sh->scale);
@@ -410,7 +417,7 @@ static void col_fwd(const Shape *sh, const float *Q, const float *K, const float
             for (int a = 0; a < rows; a++) ts->lse[a] = -INFINITY;
         }
         for (int a = 0; a < rows; a++) {
-            size_t i = (size_t)(m0 + a) * l + c;
+            size_t i = (size_t)(m0 + a) * l + c - sh->q0; /* the row of this query */
             float *o = O + i * HD, *oc = Ot + (size_t)a * HD, l2 = ts->lse[a];
             if (!merge) {
                 if (isinf(l2)) memset(o, 0, sizeof(float) * HD);
@@ -434,12 +441,13 @@ static void col_bwd(const Shape *sh, const float *Q, const float *K, const float
     TileScratch *ts = (TileScratch *)buf;
     float *Qc = (float *)(ts + 1), *Kc = Qc + (size_t)M * HD, *Vc = Kc + (size_t)M * HD, *dOc = Vc + (size_t)M * HD;
     float *St = dOc + (size_t)M * HD, *dPt = St + (size_t)M * TQ, *Lc = dPt + (size_t)M * TQ, *Dc = Lc + M;
-    gather(Q, M, l, c, Qc);
-    gather(K, M, l, c, Kc);
-    gather(V, M, l, c, Vc);
-    gather(dO, M, l, c, dOc);
-    for (int m = 0; m < M; m++) { Lc[m] = L[(size_t)m * l + c]; Dc[m] = Dl[(size_t)m * l + c]; }
-    for (int m0 = 0; m0 < M; m0 += TQ) {
+    int ms = first_query(sh, c), q0 = sh->q0;
+    gather(Q, ms, M, l, c, q0, Qc);
+    gather(K, 0, M, l, c, 0, Kc);
+    gather(V, 0, M, l, c, 0, Vc);
+    gather(dO, ms, M, l, c, q0, dOc);
+    for (int m = ms; m < M; m++) { Lc[m] = L[(size_t)m * l + c - q0]; Dc[m] = Dl[(size_t)m * l + c - q0]; }
+    for (int m0 = ms; m0 < M; m0 += TQ) {
         int rows, j0, W = col_window(sh, m0, M, ts, &rows, &j0);
         if (W <= 0) continue;
         for (int a = 0; a < TQ; a++) {
@@ -448,7 +456,7 @@ static void col_bwd(const Shape *sh, const float *Q, const float *K, const float
         }
         /* The gradients go straight into column c of dQ, dK, dV (row stride l * HD): this thread owns it. */
         tile_bwd(Qc + (size_t)m0 * HD, Kc + (size_t)j0 * HD, Vc + (size_t)j0 * HD, dOc + (size_t)m0 * HD, rows, W, ts,
-                 St, dPt, dQ + ((size_t)m0 * l + c) * HD, dK + ((size_t)j0 * l + c) * HD, dV + ((size_t)j0 * l + c) * HD,
+                 St, dPt, dQ + ((size_t)m0 * l + c - q0) * HD, dK + ((size_t)j0 * l + c) * HD, dV + ((size_t)j0 * l + c) * HD,
                  l * HD, sh->scale);
     }
 }
@@ -463,7 +471,7 @@ typedef struct {
 static int col_pass(const Shape *sh, const Tensors *t, int BH, int nthreads, int backward, int merge)
 {
     int N = sh->N, l = sh->l, failed = 0;
-    size_t NH = (size_t)N * HD;
+    size_t NH = (size_t)N * HD, NQ = (size_t)(N - sh->q0); /* key rows, query rows per sequence */
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         float *buf = malloc(sizeof(float) * col_buf_floats(N / l));
@@ -474,10 +482,10 @@ static int col_pass(const Shape *sh, const Tensors *t, int BH, int nthreads, int
             long b = it / l;
             int c = (int)(it % l);
             if (backward)
-                col_bwd(sh, t->q + b * NH, t->k + b * NH, t->v + b * NH, t->dout + b * NH, t->lse + b * N,
-                        t->delta + b * N, t->dq + b * NH, t->dk + b * NH, t->dv + b * NH, c, buf);
+                col_bwd(sh, t->q + b * NQ * HD, t->k + b * NH, t->v + b * NH, t->dout + b * NQ * HD, t->lse + b * NQ,
+                        t->delta + b * NQ, t->dq + b * NQ * HD, t->dk + b * NH, t->dv + b * NH, c, buf);
             else
-                col_fwd(sh, t->q + b * NH, t->k + b * NH, t->v + b * NH, t->o + b * NH, t->lse_out + b * N,
+                col_fwd(sh, t->q + b * NQ * HD, t->k + b * NH, t->v + b * NH, t->o + b * NQ * HD, t->lse_out + b * NQ,
                         c, merge, buf);
         }
         free(buf);
@@ -500,7 +508,7 @@ static int col_pass(const Shape *sh, const Tensors *t, int BH, int nthreads, int
 enum { IV_FULL = 0, IV_BAND = 1, IV_MASK = 2 };
 
 typedef struct {
-    int N, ntiles, maxw, ng;
+    int N, ntiles, maxw, ng, q0; /* queries are positions q0..N-1 (q0 a multiple of TQ) */
     const int *ptr, *iv, *gpos; /* iv: [n][5] = view, start, end, kind, arg */
     const uint8_t *masks;
     float scale;
@@ -641,16 +649,16 @@ static void segment(const Desc *d, const Seq *s, const int *e, const float **K, 
 
 static void tiles_fwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
 {
-    int r0 = t * TQ, rows = imin(TQ, d->N - r0);
+    int r0 = t * TQ, rows = imin(TQ, d->N - r0), rq = r0 - d->q0; /* rq: the tile's first row of q, o, lse */
     TileScratch *ts = &b->ts;
-    float *Or = s->o + (size_t)r0 * HD;
+    float *Or = s->o + (size_t)rq * HD;
     int W = tile_masks(d, t, rows, b->full, b->Mt);
     if (W == 0) {
         memset(Or, 0, sizeof(float) * rows * HD);
-        for (int a = 0; a < rows; a++) s->lse_out[r0 + a] = -INFINITY;
+        for (int a = 0; a < rows; a++) s->lse_out[rq + a] = -INFINITY;
         return;
     }
-    transpose_tile(s->q + (size_t)r0 * HD, rows, ts->Qt, d->scale * LOG2E);
+    transpose_tile(s->q + (size_t)rq * HD, rows, ts->Qt, d->scale * LOG2E);
     int j = 0;
     for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
         const int *e = d->iv + 5 * (size_t)x;
@@ -669,20 +677,20 @@ static void tiles_fwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
         j += e[2] - e[1];
     }
     scale_rows(Or, rows, ts->inv);
-    memcpy(s->lse_out + r0, ts->lse, sizeof(float) * rows);
+    memcpy(s->lse_out + rq, ts->lse, sizeof(float) * rows);
 }
 
 static void tiles_bwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
 {
-    int r0 = t * TQ, rows = imin(TQ, d->N - r0);
+    int r0 = t * TQ, rows = imin(TQ, d->N - r0), rq = r0 - d->q0;
     TileScratch *ts = &b->ts;
     int W = tile_masks(d, t, rows, b->full, b->Mt);
     if (W == 0) return;
     for (int a = 0; a < TQ; a++) {
-        ts->lse[a] = a < rows ? s->lse[r0 + a] : 0.f;
-        ts->delta[a] = a < rows ? s->delta[r0 + a] : 0.f;
+        ts->lse[a] = a < rows ? s->lse[rq + a] : 0.f;
+        ts->delta[a] = a < rows ? s->delta[rq + a] : 0.f;
     }
-    const float *Qr = s->q + (size_t)r0 * HD, *dOr = s->dout + (size_t)r0 * HD;
+    const float *Qr = s->q + (size_t)rq * HD, *dOr = s->dout + (size_t)rq * HD;
     transpose_tile(Qr, rows, ts->Qt, d->scale * LOG2E);
     transpose_tile(dOr, rows, ts->dOt, 1.0f);
     int j = 0;
@@ -695,7 +703,7 @@ static void tiles_bwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
         j += e[2] - e[1];
     }
     grad_masked(b->St, b->dPt, W, b->full, b->Mt, d->scale, ts->lse, ts->delta);
-    float *dQr = s->dq + (size_t)r0 * HD;
+    float *dQr = s->dq + (size_t)rq * HD;
     j = 0;
     for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
         const int *e = d->iv + 5 * (size_t)x;
@@ -740,14 +748,15 @@ static int tiles_forward(const Desc *d, int BH, int nthreads, const float *q, co
     {
         TileBuf *buf = failed ? NULL : tilebuf_new(d->maxw);
         if (!buf) failed = 1;
+        int t0 = d->q0 / TQ, nt = d->ntiles - t0, NQ = d->N - d->q0; /* the tiles of the queries */
 #pragma omp for schedule(dynamic, 4)
-        for (long it = 0; it < (long)BH * d->ntiles; it++) {
+        for (long it = 0; it < (long)BH * nt; it++) {
             if (!buf) continue;
-            long b = it / d->ntiles;
+            long b = it / nt;
             float *gb = G ? G + (size_t)b * d->ng * HD * 2 : NULL;
-            Seq s = {q + b * NH, k + b * NH, v + b * NH, NULL, NULL, NULL, gb, gb ? gb + (size_t)d->ng * HD : NULL,
-                     o + b * NH, lse + b * d->N, NULL, NULL, NULL, NULL, NULL};
-            tiles_fwd_one(d, &s, (int)(it % d->ntiles), buf);
+            Seq s = {q + b * NQ * HD, k + b * NH, v + b * NH, NULL, NULL, NULL, gb, gb ? gb + (size_t)d->ng * HD : NULL,
+                     o + b * NQ * HD, lse + b * NQ, NULL, NULL, NULL, NULL, NULL};
+            tiles_fwd_one(d, &s, t0 + (int)(it % nt), buf);
         }
         tilebuf_free(buf);
     }
@@ -758,7 +767,7 @@ static int tiles_forward(const Desc *d, int BH, int nthreads, const float *q, co
 /* Backward of all tiles of one sequence: gradients go to the rows of s. */
 static void tiles_bwd_seq(const Desc *d, const Seq *s, TileBuf *buf)
 {
-    for (int t = 0; t < d->ntiles; t++) tiles_bwd_one(d, s, t, buf);
+    for (int t = d->q0 / TQ; t < d->ntiles; t++) tiles_bwd_one(d, s, t, buf);
 }
 
 /* Backward. The tiles of one sequence add into the same key rows, so either each thread owns
@@ -767,7 +776,7 @@ static void tiles_bwd_seq(const Desc *d, const Seq *s, TileBuf *buf)
 static int tiles_backward(const Desc *d, int BH, int nthreads, const float *q, const float *k, const float *v,
                           const float *dout, const float *lse, const float *delta, float *dq, float *dk, float *dv)
 {
-    size_t NH = (size_t)d->N * HD, GH = (size_t)d->ng * HD;
+    size_t NH = (size_t)d->N * HD, GH = (size_t)d->ng * HD, NQ = (size_t)(d->N - d->q0);
     int failed = 0;
     if (BH >= nthreads) {
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
@@ -778,8 +787,8 @@ static int tiles_backward(const Desc *d, int BH, int nthreads, const float *q, c
 #pragma omp for schedule(dynamic, 1)
             for (long b = 0; b < BH; b++) {
                 if (!buf || !G) continue;
-                Seq s = {q + b * NH, k + b * NH, v + b * NH, dout + b * NH, lse + b * d->N, delta + b * d->N,
-                         G, G + GH, NULL, NULL, dq + b * NH, dk + b * NH, dv + b * NH, G + 2 * GH, G + 3 * GH};
+                Seq s = {q + b * NQ * HD, k + b * NH, v + b * NH, dout + b * NQ * HD, lse + b * NQ, delta + b * NQ,
+                         G, G + GH, NULL, NULL, dq + b * NQ * HD, dk + b * NH, dv + b * NH, G + 2 * GH, G + 3 * GH};
                 gather_rows(s.k, d->gpos, d->ng, G);
                 gather_rows(s.v, d->gpos, d->ng, G + GH);
                 memset(G + 2 * GH, 0, sizeof(float) * 2 * GH);
@@ -802,10 +811,10 @@ static int tiles_backward(const Desc *d, int BH, int nthreads, const float *q, c
             TileBuf *buf = tilebuf_new(d->maxw);
             float *P = calloc(2 * NH + 2 * GH + 16, sizeof(float)); /* private dK, dV, dGk, dGv */
             if (!buf || !P) failed = 1;
-            Seq s = {q + b * NH, k + b * NH, v + b * NH, dout + b * NH, lse + b * d->N, delta + b * d->N,
-                     G, G + GH, NULL, NULL, dq + b * NH, P, P + NH, P + 2 * NH, P + 2 * NH + GH};
+            Seq s = {q + b * NQ * HD, k + b * NH, v + b * NH, dout + b * NQ * HD, lse + b * NQ, delta + b * NQ,
+                     G, G + GH, NULL, NULL, dq + b * NQ * HD, P, P + NH, P + 2 * NH, P + 2 * NH + GH};
 #pragma omp for schedule(dynamic, 4)
-            for (int t = 0; t < d->ntiles; t++)
+            for (int t = d->q0 / TQ; t < d->ntiles; t++)
                 if (buf && P) tiles_bwd_one(d, &s, t, buf);
             if (buf && P) {
                 scatter_add_rows(s.dk, d->gpos, d->ng, s.dGk);
@@ -825,11 +834,11 @@ static int tiles_backward(const Desc *d, int BH, int nthreads, const float *q, c
  * The tile pass, then (l > 0) the column pass of stride l (window cw, 0: whole columns) merged
  * into it through the log-sum-exps (Strided: a band plus the columns). Returns 0, or -1 without memory. */
 int st_tiles_forward(int BH, int N, int ntiles, int maxw, int ng, const int *ptr, const int *iv, const int *gpos,
-                     const uint8_t *masks, int l, int strict, int cw, float scale, int nthreads,
+                     const uint8_t *masks, int l, int strict, int cw, int q0, float scale, int nthreads,
                      const float *q, const float *k, const float *v, float *o, float *lse)
 {
-    Desc d = {N, ntiles, maxw, ng, ptr, iv, gpos, masks, scale};
-    Shape sh = {N, l, strict, cw, scale};
+    Desc d = {N, ntiles, maxw, ng, q0, ptr, iv, gpos, masks, scale};
+    Shape sh = {N, l, strict, cw, q0, scale};
     int failed = ntiles > 0 ? tiles_forward(&d, BH, nthreads, q, k, v, o, lse) : 0;
     if (l > 0 && !failed) {
         Tensors t = {q, k, v, NULL, NULL, NULL, o, lse, NULL, NULL, NULL};
@@ -839,16 +848,16 @@ int st_tiles_forward(int BH, int N, int ntiles, int maxw, int ng, const int *ptr
 }
 
 int st_tiles_backward(int BH, int N, int ntiles, int maxw, int ng, const int *ptr, const int *iv, const int *gpos,
-                      const uint8_t *masks, int l, int strict, int cw, float scale, int nthreads,
+                      const uint8_t *masks, int l, int strict, int cw, int q0, float scale, int nthreads,
                       const float *q, const float *k, const float *v, const float *o, const float *dout,
                       const float *lse, float *dq, float *dk, float *dv)
 {
-    Desc d = {N, ntiles, maxw, ng, ptr, iv, gpos, masks, scale};
-    Shape sh = {N, l, strict, cw, scale};
-    float *delta = malloc(sizeof(float) * (size_t)BH * N);
+    Desc d = {N, ntiles, maxw, ng, q0, ptr, iv, gpos, masks, scale};
+    Shape sh = {N, l, strict, cw, q0, scale};
+    float *delta = malloc(sizeof(float) * (size_t)BH * (N - q0));
     if (!delta) return -1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (long i = 0; i < (long)BH * N; i++) {
+    for (long i = 0; i < (long)BH * (N - q0); i++) {
         const float *a = o + i * HD, *b = dout + i * HD;
         float s = 0;
         for (int c = 0; c < HD; c++) s += a[c] * b[c];

@@ -162,8 +162,8 @@ def load(head_dim: int) -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build(head_dim)))
         ptr, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         lib.st_vector_width.restype = i
-        lib.st_tiles_forward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, i, f, i] + [ptr] * 5
-        lib.st_tiles_backward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, i, f, i] + [ptr] * 9
+        lib.st_tiles_forward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, i, i, f, i] + [ptr] * 5
+        lib.st_tiles_backward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, i, i, f, i] + [ptr] * 9
         lib.st_tiles_forward.restype = lib.st_tiles_backward.restype = lib.st_query_tile.restype = i
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         warn_once(
@@ -268,60 +268,70 @@ def _desc(key: str) -> list:
 # The kernel as two custom operators with a registered autograd formula, so that
 # torch.compile sees them as opaque nodes instead of breaking its graph at ctypes.
 @torch.library.custom_op("sparse_transformer::tiles_fwd", mutates_args=())
-def tiles_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v (BH, N, D) contiguous float32 and a description's key -> o, lse (BH, N)."""
+def tiles_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, q0: int,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (BH, N - q0, D): positions q0..N-1 (q0 a multiple of the tile), k, v (BH, N, D), contiguous
+    float32, and a description's key -> o (BH, N - q0, D), lse (BH, N - q0)."""
     lib = _built(q.shape[-1])
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32)
-    _check(lib.st_tiles_forward(q.shape[0], q.shape[1], *_desc(key), scale, torch.get_num_threads(),
+    _check(lib.st_tiles_forward(q.shape[0], k.shape[1], *_desc(key), q0, scale, torch.get_num_threads(),
                                 *map(_ptr, (q, k, v, o, lse))))
     return o, lse
 
 
 @tiles_fwd.register_fake
-def _(q, k, v, key, scale):
+def _(q, k, v, key, q0, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:2])
 
 
 @torch.library.custom_op("sparse_transformer::tiles_bwd", mutates_args=())
 def tiles_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
-    key: str, scale: float,
+    key: str, q0: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lib = _built(q.shape[-1])
-    dq, dk, dv = (torch.zeros_like(q) for _ in range(3))
-    _check(lib.st_tiles_backward(q.shape[0], q.shape[1], *_desc(key), scale, torch.get_num_threads(),
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    _check(lib.st_tiles_backward(q.shape[0], k.shape[1], *_desc(key), q0, scale, torch.get_num_threads(),
                                  *map(_ptr, (q, k, v, o, do, lse, dq, dk, dv))))
     return dq, dk, dv
 
 
 @tiles_bwd.register_fake
-def _(q, k, v, o, do, lse, key, scale):
-    return torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+def _(q, k, v, o, do, lse, key, q0, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _tiles_setup(ctx, inputs, output) -> None:
-    q, k, v, key, scale = inputs
+    q, k, v, key, q0, scale = inputs
     ctx.save_for_backward(q, k, v, *output)
-    ctx.args = (key, scale)
+    ctx.args = (key, q0, scale)
 
 
 def _tiles_backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
     dq, dk, dv = tiles_bwd(q, k, v, o, do.contiguous(), lse, *ctx.args)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 tiles_fwd.register_autograd(_tiles_backward, setup_context=_tiles_setup)
 
 
 def tiles_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float) -> torch.Tensor:
-    """Any pattern on the kernel, from its description; q, k, v [B, H, n, D] float32 on the CPU,
-    D a kernel width (``padded_dim``), the kernel loaded; returns [B, H, n, D]."""
-    B, H, n, D = q.shape
-    key = _description_key(_pattern_token(pattern), n, query_tile(D))
-    N = int(key.split("|")[-2])
-    q, k, v = (F.pad(t, (0, 0, 0, N - n)) if N > n else t for t in (q, k, v))
-    q, k, v = (t.reshape(B * H, N, D).contiguous() for t in (q, k, v))
-    o, _ = tiles_fwd(q, k, v, key, scale)
-    return o.view(B, H, N, D)[:, :, :n]
+    """Any pattern on the kernel, from its description; q [B, H, L, D] (the last L positions),
+    k, v [B, H, n, D], float32 on the CPU, D a kernel width (``padded_dim``), the kernel loaded;
+    returns [B, H, L, D]."""
+    B, H, L, D = q.shape
+    n, T = k.shape[2], query_tile(D)
+    key = _description_key(_pattern_token(pattern), n, T)
+    N = int(key.split("|")[-2])  # n, padded for the column layout
+    q0 = (n - L) // T * T  # the kernel's queries start at a tile: zero queries before n - L
+    front = n - L - q0
+    if front or N > n:
+        q = F.pad(q, (0, 0, front, N - n))
+    if N > n:
+        k, v = (F.pad(t, (0, 0, 0, N - n)) for t in (k, v))
+    q = q.reshape(B * H, N - q0, D).contiguous()
+    k, v = (t.reshape(B * H, N, D).contiguous() for t in (k, v))
+    o, _ = tiles_fwd(q, k, v, key, q0, scale)
+    return o.view(B, H, N - q0, D)[:, :, front : front + L]

@@ -10,6 +10,9 @@
 - Prefill of a prompt as long as the longest position: ``model(x, cache=cache)``
   (the sparse forward that also fills the caches) against one plain forward
   pass of the same length.
+- Tokens per second at the longest position: n = 1 and n = 8 samples (one step serves all n),
+  and n = 1 against a dense KV-cache baseline: the same model and weights, each step attending
+  every cached position with ``scaled_dot_product_attention`` (``model.new_cache(1, dense=True)``).
 - KV cache bytes at the longest position, against a dense cache.
 """
 from __future__ import annotations
@@ -41,16 +44,14 @@ def run(*, positions=(1024, 16384), gen_length: int = 4096, n_layer: int = 8, d_
         row = {"pattern": pattern, "cache_mb": model.cache_bytes(cache) / 2**20}
         if pattern == "dense":
             dense_cache = row["cache_mb"]
-        prev = torch.zeros(1, dtype=torch.long)
         for t in positions:
-            model.step(prev, t, cache)
-            times = []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                model.step(prev, t, cache)
-                times.append(time.perf_counter() - t0)
-            row[f"ms_at_{t}"] = 1000 * float(np.median(times))
-        row["step_ratio"] = row[f"ms_at_{positions[-1]}"] / row[f"ms_at_{positions[0]}"]
+            row[f"ms_at_{t}"] = _step_ms(model, cache, t, repeat)
+        last = positions[-1]
+        row["step_ratio"] = row[f"ms_at_{last}"] / row[f"ms_at_{positions[0]}"]
+        row["tok_s_n1"] = 1000 / row[f"ms_at_{last}"]
+        row["tok_s_n8"] = 8 * 1000 / _step_ms(model, model.new_cache(8), last, repeat)
+        row["tok_s_dense_cache"] = 1000 / _step_ms(model, model.new_cache(1, dense=True), last, repeat)
+        row["vs_dense_cache"] = row["tok_s_n1"] / row["tok_s_dense_cache"]
         row["forward_s"], row["prefill_s"] = _prefill(model, positions[-1])
         row["prefill_vs_forward"] = row["prefill_s"] / row["forward_s"]
         t0 = time.perf_counter()
@@ -81,6 +82,19 @@ def run(*, positions=(1024, 16384), gen_length: int = 4096, n_layer: int = 8, d_
     }
 
 
+def _step_ms(model: SparseTransformer, cache: list, t: int, repeat: int) -> float:
+    """Median milliseconds of one decoding step at position t (the cost depends on t, not on the contents)."""
+    B = cache[0][0][1].batch
+    prev = torch.zeros(B, dtype=torch.long)
+    model.step(prev, t, cache)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        model.step(prev, t, cache)
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
 @torch.no_grad()
 def _prefill(model: SparseTransformer, n: int) -> tuple[float, float]:
     """(seconds of one forward pass over n positions, seconds of the prefill of n positions)."""
@@ -98,7 +112,9 @@ def _prefill(model: SparseTransformer, n: int) -> tuple[float, float]:
 def report(result: dict) -> str:
     p = result["config"]["positions"]
     cols = [("pattern", "pattern")] + [(f"ms_at_{t}", f"ms/token at {t}") for t in p] + [
-        ("step_ratio", "ratio"), ("prefill_s", f"prefill {p[-1]} s"), ("prefill_vs_forward", "of a forward"),
+        ("step_ratio", "ratio"), ("tok_s_n1", f"tok/s n=1 at {p[-1]}"), ("tok_s_n8", "n=8"),
+        ("tok_s_dense_cache", "dense-cache tok/s"), ("vs_dense_cache", "x dense cache"),
+        ("prefill_s", f"prefill {p[-1]} s"), ("prefill_vs_forward", "of a forward"),
         ("generate_s", f"generate {result['config']['gen_length']} s"),
         ("recompute_s_estimate", "recompute s (est.)"), ("generate_speedup", "speedup"),
         ("cache_mb", "cache MB"), ("cache_fraction_of_dense", "of dense")]

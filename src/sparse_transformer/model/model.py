@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
-from ..attention.cache import make_cache
+from ..attention.cache import DenseCache, make_cache
 from .config import ModelConfig
 
 
@@ -117,9 +117,12 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
-    def new_cache(self, B: int, n_ctx: int, like: torch.Tensor) -> list:
-        """One pattern-following KV cache per group of heads that share a key set."""
+    def new_cache(self, B: int, n_ctx: int, like: torch.Tensor, dense: bool = False) -> list:
+        """One pattern-following KV cache per group of heads that share a key set (``dense``: one cache
+        of every position that each step reads whole, the baseline of ``bench sample``)."""
         H = self.n_head
+        if dense:
+            return [(torch.arange(H), DenseCache(self.pattern, B, H, n_ctx, self.d_qk // H, self.d_v // H, like))]
         return [
             (heads, make_cache(p, B, len(heads), n_ctx, self.d_qk // H, self.d_v // H, like))
             for heads, p in _head_groups(self.pattern, H)
@@ -146,8 +149,8 @@ class Attention(nn.Module):
             k, v = group.read(t)  # (B, h, K, D)
             if k.shape[2] == 0:
                 continue  # no allowed key: zero output, as in attention()
-            scores = torch.einsum("bhd,bhkd->bhk", q[:, heads].float(), k.float()) * scale
-            out[:, heads] = torch.einsum("bhk,bhkd->bhd", scores.softmax(-1), v.float()).to(out.dtype)
+            o = F.scaled_dot_product_attention(q[:, heads, None].float(), k.float(), v.float(), scale=scale)
+            out[:, heads] = o[:, :, 0].to(out.dtype)  # (B, h, D)
         return self.proj(out.reshape(B, C))
 
 
@@ -292,10 +295,11 @@ class SparseTransformer(nn.Module):
         lines = {explain_path(q, blk.attn.pattern) for blk in self.blocks}
         return "; ".join(sorted(lines))
 
-    def new_cache(self, batch: int) -> list[list]:
-        """KV caches for every block that follow each block's pattern (see attention/cache.py)."""
+    def new_cache(self, batch: int, dense: bool = False) -> list[list]:
+        """KV caches for every block that follow each block's pattern (see attention/cache.py);
+        ``dense``: caches of every position read whole at each step (a baseline, not this model's attention)."""
         like = next(self.parameters())
-        return [blk.attn.new_cache(batch, self.cfg.n_ctx, like) for blk in self.blocks]
+        return [blk.attn.new_cache(batch, self.cfg.n_ctx, like, dense) for blk in self.blocks]
 
     @staticmethod
     def cache_bytes(cache: list[list]) -> int:
