@@ -219,7 +219,7 @@ def test_cuda_matches_reference(pattern, dtype, tol):
 
 
 def test_auto_uses_the_native_kernel_on_cpu(monkeypatch):
-    from sparse_transformer.attention import core
+    from sparse_transformer.attention import api as core
 
     calls = []
     real = core.tiles_attention
@@ -236,10 +236,10 @@ def test_auto_uses_the_native_kernel_on_cpu(monkeypatch):
 
 
 def test_native_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
-    from sparse_transformer.attention import native
+    from sparse_transformer.attention.native import build
 
-    monkeypatch.setattr(native, "_libs", {})
-    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setattr(build, "_libs", {})
+    monkeypatch.setattr(build, "_warned", set())
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("SPARSE_TRANSFORMER_CACHE", str(tmp_path / "cache"))
     q = torch.randn(1, 2, 40, 16, dtype=torch.float64).float()
@@ -280,7 +280,7 @@ def test_cpu_decomposition_computes_half_precision_sparse_patterns_in_float32():
 
 
 def test_auto_without_the_native_kernel_runs_short_sequences_as_one_masked_sdpa_call(monkeypatch):
-    from sparse_transformer.attention import core
+    from sparse_transformer.attention import api as core
 
     monkeypatch.setenv("SPARSE_TRANSFORMER_NATIVE", "0")
     calls = []
@@ -298,7 +298,7 @@ def test_auto_without_the_native_kernel_runs_short_sequences_as_one_masked_sdpa_
 
 
 def test_explain_path_names_the_path():
-    from sparse_transformer.attention.core import explain_path
+    from sparse_transformer.attention.api import explain_path
 
     q = torch.randn(1, 2, 1024, 16)
     assert explain_path(q, P.Strided(32)).startswith("native kernel")

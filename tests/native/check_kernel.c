@@ -1,4 +1,4 @@
-/* Standalone check of native.c against naive loops: forward and backward of
+/* Standalone check of native/kernel.c against naive loops: forward and backward of
  * every kind of description (patterns/tiles.py) on a few shapes: a causal band
  * (Local), a band plus the column pass (Strided), the columns alone
  * (StridedColumns), a gathered view of FULL intervals plus a band (Fixed), and
@@ -6,7 +6,7 @@
  * builds it for AVX2, AVX-512 and arm64 under qemu):
  *   cc -O2 -fopenmp -DHD=32 check_kernel.c -lm && ./a.out
  * Prints one line per case, exits 1 on a mismatch. */
-#include "../../src/sparse_transformer/attention/native.c"
+#include "../../src/sparse_transformer/attention/native/kernel.c"
 #include <stdio.h>
 
 enum { BANDED, FIXED, DILATED, DILATED_COLUMNS };

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import patterns as P
 from ..attention import attention
-from ..attention.core import explain_path
+from ..attention.api import explain_path
 from ..sysutil import current_rss_bytes, peak_rss_bytes, reset_peak_rss, tune_malloc
 from .common import machine_info, matmul_rate, sync, table, time_it
 

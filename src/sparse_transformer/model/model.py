@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
-from ..attention.cache import DenseCache, make_cache
+from ..attention.heads import head_groups
+from ..attention.kv_cache import DenseCache, make_cache
 from .config import ModelConfig
 
 
@@ -125,7 +126,7 @@ class Attention(nn.Module):
             return [(torch.arange(H), DenseCache(self.pattern, B, H, n_ctx, self.d_qk // H, self.d_v // H, like))]
         return [
             (heads, make_cache(p, B, len(heads), n_ctx, self.d_qk // H, self.d_v // H, like))
-            for heads, p in _head_groups(self.pattern, H)
+            for heads, p in head_groups(self.pattern, H)
         ]
 
     @torch.no_grad()
@@ -160,16 +161,6 @@ def _join_qkv(state: dict, prefix: str, *args) -> None:
         parts = [prefix + f"{name}.{kind}" for name in ("q", "k", "v")]
         if all(p in state for p in parts):
             state[prefix + f"qkv.{kind}"] = torch.cat([state.pop(p) for p in parts])
-
-
-def _head_groups(pattern, n_head: int):
-    """(head indices, pattern) for the heads that share one pattern."""
-    from ..attention import per_head_patterns
-
-    groups: dict = {}
-    for h, p in enumerate(per_head_patterns(pattern, n_head)):
-        groups.setdefault(p, []).append(h)
-    return [(torch.tensor(hs), p) for p, hs in groups.items()]
 
 
 def gelu_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -287,7 +278,7 @@ class SparseTransformer(nn.Module):
 
     def attention_path(self, device: torch.device, precision: str = "float32") -> str:
         """Which attention path each distinct layer pattern runs on at n_ctx (for the train header)."""
-        from ..attention.core import explain_path
+        from ..attention.api import explain_path
 
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision, torch.float32)
         head_dim = self.cfg.d_model // self.cfg.n_head
@@ -296,7 +287,7 @@ class SparseTransformer(nn.Module):
         return "; ".join(sorted(lines))
 
     def new_cache(self, batch: int, dense: bool = False) -> list[list]:
-        """KV caches for every block that follow each block's pattern (see attention/cache.py);
+        """KV caches for every block that follow each block's pattern (see attention/kv_cache.py);
         ``dense``: caches of every position read whole at each step (a baseline, not this model's attention)."""
         like = next(self.parameters())
         return [blk.attn.new_cache(batch, self.cfg.n_ctx, like, dense) for blk in self.blocks]

@@ -49,7 +49,7 @@ class Pattern:
                           for a in range(0, n, 256)])
 
     def decomposition(self) -> list[tuple] | None:
-        """The pattern as disjoint parts for the fused-SDPA decomposition (attention/parts.py, section
+        """The pattern as disjoint parts for the fused-SDPA decomposition (attention/plan.py, section
         5.5), the CUDA and float64 path: a list of ("whole",), ("band", w), ("columns", l, strict),
         ("blocks", l), ("summaries", l, c, s0) or ("own_summary", l, c, s0); None when the pattern has
         none (it then runs there as one SDPA call with its mask). The KV cache reads it too."""

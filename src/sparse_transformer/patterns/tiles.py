@@ -1,6 +1,6 @@
 """A pattern's description: the key intervals of each tile of queries (paper section 5.5).
 
-The fused CPU kernel (``attention/native.c``) and the pictures read a pattern through this
+The fused CPU kernel (``attention/native/kernel.c``) and the pictures read a pattern through this
 description only. The queries are cut into tiles of ``tile`` consecutive positions; tile t
 reads a few intervals of keys, each contiguous either
 

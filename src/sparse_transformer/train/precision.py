@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from ..attention.native import _cpu_flags, cache_dir
+from ..attention.native.build import _cpu_flags, cache_dir
 from ..sysutil import atomic_write_text
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import Kernel
-from .parts import Plan, SubProblem
+from .plan import Plan, SubProblem
+from .sdpa import Kernel
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

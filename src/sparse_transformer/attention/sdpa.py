@@ -1,4 +1,5 @@
-"""Fused dense attention kernels that also return the log-sum-exp (paper section 5.5).
+"""Fused dense attention kernels that also return the log-sum-exp (paper section 5.5), and one SDPA
+call with a pattern's mask (``masked_sdpa``, the short-sequence path without the native kernel).
 
 The sparse path splits a pattern into dense sub-problems; each is solved by
 one of these kernels, and the parts are merged exactly through their
@@ -17,10 +18,14 @@ Backends:
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
 import torch
+import torch.nn.functional as F
+
+from ..patterns import Pattern
 
 _aten = torch.ops.aten
 
@@ -162,3 +167,28 @@ def select_kernel(device: torch.device, backend: str) -> Kernel:
 
 def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
+
+
+@functools.lru_cache(maxsize=16)
+def _pattern_mask(pats: tuple[Pattern, ...], n: int) -> torch.Tensor:
+    """[H or 1, n, n] bool: the pattern of every head (one plane when all heads share it)."""
+    masks = torch.stack([p.mask(n) for p in pats])
+    return masks[:1] if bool((masks == masks[:1]).all()) else masks
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list[Pattern], scale: float,
+                upcast: bool) -> torch.Tensor:
+    """One SDPA call with the pattern's boolean mask: the fastest exact path for short sequences on the CPU.
+
+    Queries with no allowed key (only some factor patterns have them) get zeros, as on every other path.
+    """
+    N = k.shape[2]
+    mask = _pattern_mask(tuple(pats), N)[:, N - q.shape[2] :].to(q.device)  # the rows of the queries
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    empty = ~mask.any(-1)  # (H or 1, N)
+    if bool(empty.any()):
+        o = o.masked_fill(empty[..., None], 0.0)
+    return o.to(dtype)

@@ -1,4 +1,5 @@
-"""``attention(q, k, v, pattern)``: exact factorized sparse attention (sections 4.3, 5.5)."""
+"""``attention(q, k, v, pattern)``: input checks, the choice of path (native kernel, decomposition,
+masked SDPA, reference), the dtype policy, and the dispatch (sections 4.3, 5.5)."""
 from __future__ import annotations
 
 import functools
@@ -9,12 +10,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..patterns import Dense, Local, Pattern, Strided, StridedColumns
+from ..patterns import Dense, Pattern
 from . import native
-from .function import SparseAttentionFunction
-from .kernels import default_scale, select_kernel
+from .heads import by_head_groups, per_head_patterns
+from .merge import SparseAttentionFunction
+from .sdpa import default_scale, masked_sdpa, select_kernel
 from .native import tiles_attention
-from .parts import make_plan
+from .plan import make_plan
 from .reference import reference_attention
 
 BACKENDS = ("auto", "reference", "native", "cpu", "cuda", "math")
@@ -125,47 +127,6 @@ def explain_path(q: torch.Tensor, pattern: Pattern | Sequence[Pattern], backend:
     return f"fused-SDPA decomposition ({'no native pass for this pattern' if path == 'decomposition' else path})"
 
 
-@functools.lru_cache(maxsize=16)
-def _pattern_mask(pats: tuple[Pattern, ...], n: int) -> torch.Tensor:
-    """[H or 1, n, n] bool: the pattern of every head (one plane when all heads share it)."""
-    masks = torch.stack([p.mask(n) for p in pats])
-    return masks[:1] if bool((masks == masks[:1]).all()) else masks
-
-
-def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list[Pattern], scale: float,
-                upcast: bool) -> torch.Tensor:
-    """One SDPA call with the pattern's boolean mask: the fastest exact path for short sequences on the CPU.
-
-    Queries with no allowed key (only some factor patterns have them) get zeros, as on every other path.
-    """
-    N = k.shape[2]
-    mask = _pattern_mask(tuple(pats), N)[:, N - q.shape[2] :].to(q.device)  # the rows of the queries
-    dtype = q.dtype
-    if upcast:
-        q, k, v = q.float(), k.float(), v.float()
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    empty = ~mask.any(-1)  # (H or 1, N)
-    if bool(empty.any()):
-        o = o.masked_fill(empty[..., None], 0.0)
-    return o.to(dtype)
-
-
-def per_head_patterns(pattern: Pattern | Sequence[Pattern], n_head: int) -> list[Pattern]:
-    """One pattern for each head: ``pattern.per_head(n_head)`` (the pattern repeated, or Fixed with
-    distinct heads as one Fixed per head with its own summary offsets), or the given list checked."""
-    if isinstance(pattern, Pattern):
-        return pattern.per_head(n_head)
-    if isinstance(pattern, (str, bytes)) or not isinstance(pattern, Sequence):
-        raise ValueError(f"pattern must be a Pattern or a sequence of H Patterns, got {type(pattern).__name__}")
-    pats = list(pattern)
-    if len(pats) != n_head:
-        raise ValueError(f"a per-head pattern list needs one pattern per head: got {len(pats)} for H={n_head}")
-    for p in pats:
-        if not isinstance(p, Pattern):
-            raise ValueError(f"every per-head pattern must be a Pattern, got {type(p).__name__}")
-    return pats
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -192,7 +153,7 @@ def attention(
                   float32, float64 stays on the decomposition), one causal SDPA call for Dense;
                   on CUDA, the decomposition on the fused SDPA kernel; "math" with a warning elsewhere
       "reference" dense masked softmax, O(N^2): the test oracle
-      "native"    the native CPU kernel (``attention/native.c``), or a ValueError
+      "native"    the native CPU kernel (``attention/native/kernel.c``), or a ValueError
       "cpu", "cuda", "math"  the decomposition (section 5.5) on that fused kernel
 
     The fast path never forms an N x N matrix: for strided and fixed patterns
@@ -244,27 +205,3 @@ def attention(
         return (o[..., :D] if pad else o).to(dtype)
 
     return by_head_groups(q, k, v, pats, run)
-
-
-def by_head_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list[Pattern], run) -> torch.Tensor:
-    """``run(q, k, v, pattern)`` once per group of heads that share a pattern, reassembled in head
-    order: one call when every head shares it, slices and one cat for contiguous runs of heads."""
-    groups: dict[Pattern, list[int]] = {}
-    for h, p in enumerate(pats):
-        groups.setdefault(p, []).append(h)
-    if len(groups) == 1:
-        return run(q, k, v, pats[0])
-    if all(h == list(range(h[0], h[-1] + 1)) for h in groups.values()):
-        # Contiguous runs of heads (the model's "multihead" split): slices and one cat,
-        # whose backward is cheap, instead of gathers and index_copy.
-        runs = sorted(groups.values())
-        return torch.cat([run(*(t[:, h[0] : h[-1] + 1] for t in (q, k, v)), pats[h[0]]) for h in runs], dim=1)
-    out = torch.empty_like(q)
-    outs = []
-    for heads in groups.values():
-        idx = torch.tensor(heads, device=q.device)
-        outs.append((idx, run(q[:, idx], k[:, idx], v[:, idx], pats[heads[0]])))
-    # index_copy keeps autograd: each head's output comes from exactly one group.
-    for idx, o in outs:
-        out = out.index_copy(1, idx, o)
-    return out

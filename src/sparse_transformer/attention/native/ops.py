@@ -1,0 +1,131 @@
+"""The kernel as PyTorch operators: descriptions by key, custom ops with autograd, ``tiles_attention``."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .build import _built, _check, _ptr
+
+
+@torch.compiler.assume_constant_result
+def query_tile(head_dim: int = 64) -> int:
+    """The kernel's tile of queries (32 with AVX-512, 16 otherwise): descriptions are built for it."""
+    return _built(head_dim).st_query_tile()
+
+
+# Descriptions by key: the custom operators take a string (an operator cannot take a pattern), the
+# pattern's spec (patterns/registry.py) with the length and tile, so that torch.compile treats
+# the description as a constant and the kernel as one opaque node. A pattern class that is not
+# registered is kept by object here (eager mode only: torch.compile needs a registered pattern).
+_OBJECTS: dict[str, object] = {}
+
+
+def _pattern_token(pattern) -> str:
+    from ...patterns.registry import has_spec, spec
+
+    if has_spec(pattern):
+        return spec(pattern)
+    token = f"object#{id(pattern)}"
+    _OBJECTS[token] = pattern
+    return token
+
+
+@torch.compiler.assume_constant_result
+def _description_key(token: str, n: int, tile: int) -> str:
+    from ...patterns.tiles import describe
+
+    cols = describe(_pattern(token), n, tile).columns
+    N = n + (-n % cols[0] if cols else 0)  # the column layout wants a multiple of its stride
+    return f"{token}|{N}|{tile}"
+
+
+def _pattern(token: str):
+    from ...patterns.registry import parse
+
+    return _OBJECTS[token] if token.startswith("object#") else parse(token)
+
+
+def _tiles(key: str):
+    from ...patterns.tiles import describe
+
+    token, N, tile = key.rsplit("|", 2)
+    return describe(_pattern(token), int(N), int(tile))
+
+
+def _desc(key: str) -> list:
+    t = _tiles(key)
+    l, strict, window = t.columns or (0, False, 0)
+    return [t.ntiles, max(1, t.max_keys), t.gather.numel(), *map(_ptr, (t.ptr, t.iv, t.gather, t.masks)), l,
+            int(strict), window]
+
+
+# The kernel as two custom operators with a registered autograd formula, so that
+# torch.compile sees them as opaque nodes instead of breaking its graph at ctypes.
+@torch.library.custom_op("sparse_transformer::tiles_fwd", mutates_args=())
+def tiles_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str, q0: int,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (BH, N - q0, D): positions q0..N-1 (q0 a multiple of the tile), k, v (BH, N, D), contiguous
+    float32, and a description's key -> o (BH, N - q0, D), lse (BH, N - q0)."""
+    lib = _built(q.shape[-1])
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32)
+    _check(lib.st_tiles_forward(q.shape[0], k.shape[1], *_desc(key), q0, scale, torch.get_num_threads(),
+                                *map(_ptr, (q, k, v, o, lse))))
+    return o, lse
+
+
+@tiles_fwd.register_fake
+def _(q, k, v, key, q0, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2])
+
+
+@torch.library.custom_op("sparse_transformer::tiles_bwd", mutates_args=())
+def tiles_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+    key: str, q0: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lib = _built(q.shape[-1])
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    _check(lib.st_tiles_backward(q.shape[0], k.shape[1], *_desc(key), q0, scale, torch.get_num_threads(),
+                                 *map(_ptr, (q, k, v, o, do, lse, dq, dk, dv))))
+    return dq, dk, dv
+
+
+@tiles_bwd.register_fake
+def _(q, k, v, o, do, lse, key, q0, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _tiles_setup(ctx, inputs, output) -> None:
+    q, k, v, key, q0, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.args = (key, q0, scale)
+
+
+def _tiles_backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = tiles_bwd(q, k, v, o, do.contiguous(), lse, *ctx.args)
+    return dq, dk, dv, None, None, None
+
+
+tiles_fwd.register_autograd(_tiles_backward, setup_context=_tiles_setup)
+
+
+def tiles_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float) -> torch.Tensor:
+    """Any pattern on the kernel, from its description; q [B, H, L, D] (the last L positions),
+    k, v [B, H, n, D], float32 on the CPU, D a kernel width (``padded_dim``), the kernel loaded;
+    returns [B, H, L, D]."""
+    B, H, L, D = q.shape
+    n, T = k.shape[2], query_tile(D)
+    key = _description_key(_pattern_token(pattern), n, T)
+    N = int(key.split("|")[-2])  # n, padded for the column layout
+    q0 = (n - L) // T * T  # the kernel's queries start at a tile: zero queries before n - L
+    front = n - L - q0
+    if front or N > n:
+        q = F.pad(q, (0, 0, front, N - n))
+    if N > n:
+        k, v = (F.pad(t, (0, 0, 0, N - n)) for t in (k, v))
+    q = q.reshape(B * H, N - q0, D).contiguous()
+    k, v = (t.reshape(B * H, N, D).contiguous() for t in (k, v))
+    o, _ = tiles_fwd(q, k, v, key, q0, scale)
+    return o.view(B, H, N - q0, D)[:, :, front : front + L]
