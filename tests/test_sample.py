@@ -2,9 +2,11 @@ import pytest
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 
 from helpers import run_cli, tiny_images
+from sparse_transformer.model.generate import generate
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
 
@@ -100,3 +102,46 @@ def test_image_data_shape_drives_the_model(tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
     assert saved["data_shape"] == [4, 4, 3] and saved["stride"] == 12 and saved["n_ctx"] == 48
     assert any("model.stride=12 (one row)" in s for s in said)
+
+
+def _random_model(pattern, rotary=False, n_ctx=64):
+    from sparse_transformer.model import ModelConfig, SparseTransformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_ctx=n_ctx, d_model=32, n_layer=2, n_head=2, pattern=pattern, stride=8, c=2, rotary=rotary)
+    model = SparseTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("pattern", ["strided", "fixed", "dense", "local", "fixed_summary:8:2:true", "fixed_block:8",
+                                     "dilated:4:2", "longformer:6:3", "bigbird:8:1:1:8"])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_static_decoding_step_equals_the_full_forward(pattern, rotary):
+    """model.decode (a tensor position, static shapes: the most keys any position reads, masked) gives the
+    full forward pass's logits after a prefill, for every pattern."""
+    model = _random_model(pattern, rotary)
+    x = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    full, _ = model(x)
+    cache = model.new_cache(2)
+    model(x[:, :9], cache=cache)
+    for t in range(9, 64):
+        assert torch.allclose(model.decode(x[:, t - 1], torch.tensor(t), cache), full[:, t], atol=1e-4), t
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+def test_compiled_step_is_captured_once_and_equals_eager(pattern):
+    """generate(compile=True): one graph for every position (no recompilation, no graph break), and the
+    same samples as eager."""
+    import torch._dynamo.utils as du
+
+    model = _random_model(pattern, n_ctx=96)
+    torch._dynamo.reset()
+    du.counters.clear()
+    compiled = generate(model, 2, 60, prompt=b"abc", seed=3, compile=True)
+    assert du.counters["stats"]["unique_graphs"] == 1, dict(du.counters["stats"])
+    assert not du.counters["graph_break"], dict(du.counters["graph_break"])
+    assert torch.equal(compiled, generate(model, 2, 60, prompt=b"abc", seed=3))

@@ -31,7 +31,7 @@ def image_grid(images: np.ndarray, cols: int) -> bytes:
 def sample(
     model: SparseTransformer, *, n: int, temperature: float, seed: int, out: str | None,
     prompt: bytes = b"", length: int | None = None, complete: np.ndarray | None = None, progress=None,
-    modality: str = "text",
+    modality: str = "text", compile: bool = False,
 ) -> str:
     """Generate and write; returns a one-line summary (text samples themselves go to ``out`` or stdout).
 
@@ -46,7 +46,7 @@ def sample(
         if complete is not None:
             raise ValueError("--complete is for image models")
         length = length if length is not None else model.cfg.n_ctx - len(prompt)
-        x = generate(model, n, length, temperature=temperature, prompt=prompt, seed=seed, progress=progress)
+        x = generate(model, n, length, temperature=temperature, prompt=prompt, seed=seed, progress=progress, compile=compile)
         gap = np.full(AUDIO_RATE // 4, mu_law_encode(np.zeros(1))[0], dtype=np.uint8)
         codes = np.concatenate([c for row in x.cpu().numpy().astype(np.uint8) for c in (row, gap)][:-1])
         path = Path(out or "samples.wav")
@@ -60,13 +60,13 @@ def sample(
             raise ValueError("--prompt is for text models; use --complete INDEX for an image model")
         if complete is not None:
             keep = (shape[0] // 2) * shape[1] * shape[2]  # the top half
-            x = generate(model, n, size - keep, temperature=temperature, prompt=bytes(complete[:keep]), seed=seed, progress=progress)
+            x = generate(model, n, size - keep, temperature=temperature, prompt=bytes(complete[:keep]), seed=seed, progress=progress, compile=compile)
             half = np.zeros(size, dtype=np.uint8)
             half[:keep] = complete[:keep]
             images = np.concatenate([complete[None, :size], half[None], x.cpu().numpy().astype(np.uint8)])
             cols = n + 2
         else:
-            x = generate(model, n, size, temperature=temperature, seed=seed, progress=progress)
+            x = generate(model, n, size, temperature=temperature, seed=seed, progress=progress, compile=compile)
             images = x.cpu().numpy().astype(np.uint8)
             cols = math.ceil(math.sqrt(n))
         path = Path(out or "samples.png")
@@ -75,7 +75,7 @@ def sample(
     if complete is not None:
         raise ValueError("--complete is for image models; use --prompt TEXT for a text model")
     length = length if length is not None else min(500, model.cfg.n_ctx - len(prompt))
-    x = generate(model, n, length, temperature=temperature, prompt=prompt, seed=seed, progress=progress)
+    x = generate(model, n, length, temperature=temperature, prompt=prompt, seed=seed, progress=progress, compile=compile)
     texts = [bytes(row.tolist()).decode("utf-8", errors="replace") for row in x.cpu()]
     body = texts[0] if n == 1 else "".join(f"=== sample {i} ===\n{t}\n" for i, t in enumerate(texts))
     if out in (None, "-"):

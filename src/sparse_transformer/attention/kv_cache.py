@@ -2,7 +2,9 @@
 
 One cache serves one group of heads of one layer. ``write(t, k, v)`` stores
 position t, ``fill(k, v)`` positions 0..T-1 at once (prefill); ``read(t)`` returns exactly the keys and values that query t may
-attend (in any order: attention does not care). A fixed pattern keeps only
+attend (in any order: attention does not care). ``write_at`` and ``read_at`` do the same for a
+position given as a tensor, with static shapes: ``read_at`` returns the most keys any position
+reads, and a mask of the valid ones, so a compiled decoding step is captured once for all positions. A fixed pattern keeps only
 the summary columns of finished blocks plus the current block, about c/stride
 of a dense cache plus one block; the others keep every position and read only
 the allowed ones.
@@ -36,6 +38,15 @@ class FullCache:
         keys = self.pattern.row_keys(t).to(self.k.device)
         return self.k.index_select(2, keys), self.v.index_select(2, keys)
 
+    def write_at(self, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k.index_copy_(2, t.view(1), k[:, :, None])
+        self.v.index_copy_(2, t.view(1), v[:, :, None])
+
+    def read_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values of ``pattern.step_keys(t)``, and which of them are valid: static shapes."""
+        idx, valid = self.pattern.step_keys(t, self.k.shape[2])
+        return self.k.index_select(2, idx), self.v.index_select(2, idx), valid
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
@@ -45,6 +56,9 @@ class DenseCache(FullCache):
 
     def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, : t + 1], self.v[:, :, : t + 1]
+
+    def read_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.k, self.v, torch.arange(self.k.shape[2], device=t.device) <= t
 
 
 class FixedCache:
@@ -99,6 +113,26 @@ class FixedCache:
         k = torch.cat([self.sk[:, :, :done], self.bk[:, :, own]], dim=2)
         v = torch.cat([self.sv[:, :, :done], self.bv[:, :, own]], dim=2)
         return k, v
+
+    def write_at(self, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        off = (t % self.l).view(1)
+        self.bk.index_copy_(2, off, k[:, :, None])
+        self.bv.index_copy_(2, off, v[:, :, None])
+        if self.summaries:  # a summary column: also into the summaries (else rewrite what is there)
+            ok = (off >= self.s0) & (off < self.s0 + self.c)
+            i = (t // self.l) * self.c + (off - self.s0).clamp(0, self.c - 1)
+            for store, new in ((self.sk, k), (self.sv, v)):
+                store.index_copy_(2, i, torch.where(ok, new, store.index_select(2, i)[:, :, 0])[:, :, None])
+
+    def read_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every summary slot and the whole block store, with the valid ones marked."""
+        off, done = t % self.l, (t // self.l) * self.c
+        valid_s = torch.arange(self.sk.shape[2], device=t.device) < done
+        j = torch.arange(self.l, device=t.device)
+        valid_b = (j <= off) & (j >= self.s0) & (j < self.s0 + self.c) if self.own_summary_only else j <= off
+        k = torch.cat([self.sk, self.bk], dim=2)
+        v = torch.cat([self.sv, self.bv], dim=2)
+        return k, v, torch.cat([valid_s, valid_b])
 
     def nbytes(self) -> int:
         return self.sk.nbytes + self.sv.nbytes + self.bk.nbytes + self.bv.nbytes

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from ..model import ModelConfig, SparseTransformer
-from ..model.generate import generate
+from ..model.generate import _compiled, generate
 from ..sysutil import tune_malloc
 from .common import machine_info, table
 
 
 def run(*, positions=(1024, 16384), gen_length: int = 4096, n_layer: int = 8, d_model: int = 256, n_head: int = 4,
         stride: int = 128, c: int = 16, patterns=("dense", "strided", "fixed"), repeat: int = 20,
-        malloc_tuning: bool = True, progress=print) -> dict:
+        malloc_tuning: bool = True, compile: bool = False, progress=print) -> dict:
     if malloc_tuning:
         tune_malloc()
     torch.manual_seed(0)
@@ -52,6 +52,10 @@ def run(*, positions=(1024, 16384), gen_length: int = 4096, n_layer: int = 8, d_
         row["tok_s_n8"] = 8 * 1000 / _step_ms(model, model.new_cache(8), last, repeat)
         row["tok_s_dense_cache"] = 1000 / _step_ms(model, model.new_cache(1, dense=True), last, repeat)
         row["vs_dense_cache"] = row["tok_s_n1"] / row["tok_s_dense_cache"]
+        if compile:  # the compiled step (static shapes) at every position, against eager
+            for t in positions:
+                row[f"compiled_ms_at_{t}"] = _step_ms(model, cache, t, repeat, compiled=True)
+            row["eager_vs_compiled"] = row[f"ms_at_{positions[0]}"] / row[f"compiled_ms_at_{positions[0]}"]
         row["forward_s"], row["prefill_s"] = _prefill(model, positions[-1])
         row["prefill_vs_forward"] = row["prefill_s"] / row["forward_s"]
         t0 = time.perf_counter()
@@ -82,15 +86,17 @@ def run(*, positions=(1024, 16384), gen_length: int = 4096, n_layer: int = 8, d_
     }
 
 
-def _step_ms(model: SparseTransformer, cache: list, t: int, repeat: int) -> float:
-    """Median milliseconds of one decoding step at position t (the cost depends on t, not on the contents)."""
+def _step_ms(model: SparseTransformer, cache: list, t: int, repeat: int, compiled: bool = False) -> float:
+    """Median milliseconds of one decoding step at position t (the cost depends on t, not on the contents);
+    ``compiled``: of ``generate``'s compiled step (its compile time left out)."""
     B = cache[0][0][1].batch
     prev = torch.zeros(B, dtype=torch.long)
-    model.step(prev, t, cache)
+    step = (lambda: _compiled(model)(prev, torch.tensor(t), cache)) if compiled else (lambda: model.step(prev, t, cache))
+    step()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        model.step(prev, t, cache)
+        step()
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times))
 
@@ -112,7 +118,8 @@ def _prefill(model: SparseTransformer, n: int) -> tuple[float, float]:
 def report(result: dict) -> str:
     p = result["config"]["positions"]
     cols = [("pattern", "pattern")] + [(f"ms_at_{t}", f"ms/token at {t}") for t in p] + [
-        ("step_ratio", "ratio"), ("tok_s_n1", f"tok/s n=1 at {p[-1]}"), ("tok_s_n8", "n=8"),
+        ("step_ratio", "ratio"), *[(f"compiled_ms_at_{t}", f"compiled at {t}") for t in p],
+        ("eager_vs_compiled", "eager/compiled"), ("tok_s_n1", f"tok/s n=1 at {p[-1]}"), ("tok_s_n8", "n=8"),
         ("tok_s_dense_cache", "dense-cache tok/s"), ("vs_dense_cache", "x dense cache"),
         ("prefill_s", f"prefill {p[-1]} s"), ("prefill_vs_forward", "of a forward"),
         ("generate_s", f"generate {result['config']['gen_length']} s"),

@@ -28,6 +28,9 @@ def add(sub) -> None:
     sp.add_argument("-o", "--out", default=None, help="output file (text: default stdout; images: samples.png; audio: samples.wav)")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--compile", action="store_true",
+                    help="compile the decoding step once (torch.compile; ~10 s to compile, then about 2x faster "
+                         "per step for small models on a CPU); default eager")
     sp.add_argument("--force", action="store_true", help="skip the check that the model fits in the device's available memory")
     sp.set_defaults(run=run)
 
@@ -80,7 +83,8 @@ def run(args, extra) -> int:
     try:
         msg = sample(model, n=args.n, temperature=args.temperature, seed=args.seed, out=args.out,
                      prompt=(args.prompt or "").encode("utf-8"), length=args.length, complete=complete,
-                     progress=bar.update if bar is not None else None, modality=modality)
+                     progress=bar.update if bar is not None else None, modality=modality,
+                     compile=args.compile)
     finally:
         if bar is not None:
             bar.close()

@@ -47,8 +47,11 @@ class PositionEmbedding(nn.Module):
             out = out + F.embedding(idx, table)
         return out  # (n, d_model)
 
-    def at(self, t: int) -> torch.Tensor:
-        """The embedding of position t alone: (d_model,)."""
+    def at(self, t: int | torch.Tensor) -> torch.Tensor:
+        """The embedding of position t alone (an int, or a 0-d tensor for a compiled step): (d_model,)."""
+        if torch.is_tensor(t):
+            coords = self.coords.index_select(1, t.view(1))[:, 0]
+            return sum(table.index_select(0, coords[i].view(1))[0] for i, table in enumerate(self.tables))
         out = 0
         for table, idx in zip(self.tables, self.coords[:, t]):
             out = out + table[idx]  # one row: a select, nothing accumulates
@@ -130,22 +133,31 @@ class Attention(nn.Module):
         ]
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, t: int, cache: list) -> torch.Tensor:
+    def step(self, x: torch.Tensor, t: int | torch.Tensor, cache: list) -> torch.Tensor:
         """Decode position t: x (B, C) -> (B, C), reading only the keys the pattern allows.
 
         Writes position t into ``cache`` (from ``new_cache``). q.k is computed
-        in float32 (section 5.6: it overflows float16).
+        in float32 (section 5.6: it overflows float16). With t a 0-d tensor every shape is static
+        (the cache's ``read_at``: the most keys any position reads, masked), for a compiled step.
         """
         B, C = x.shape
         H = self.n_head
-        q, k_new, v_new = (t.reshape(B, H, -1) for t in self.project(x))
+        static = torch.is_tensor(t)
+        q, k_new, v_new = (y.reshape(B, H, -1) for y in self.project(x))
         if self.rotary:
-            pos = torch.tensor([t], device=x.device)
+            pos = t.view(1) if static else torch.tensor([t], device=x.device)
             q, k_new = rotate(q[:, :, None], pos)[:, :, 0], rotate(k_new[:, :, None], pos)[:, :, 0]
         scale = 1.0 / math.sqrt(q.shape[-1])
         out = x.new_zeros(B, H, C // H)
         for heads, group in cache:
             heads = heads.to(x.device)
+            if static:
+                group.write_at(t, k_new[:, heads], v_new[:, heads])
+                k, v, valid = group.read_at(t)  # (B, h, K, D), (K,)
+                o = F.scaled_dot_product_attention(q[:, heads, None].float(), k.float(), v.float(), attn_mask=valid[None, :],
+                                                   scale=scale)
+                out[:, heads] = torch.where(valid.any(), o[:, :, 0], 0.0).to(out.dtype)  # no valid key: zero
+                continue
             group.write(t, k_new[:, heads], v_new[:, heads])
             k, v = group.read(t)  # (B, h, K, D)
             if k.shape[2] == 0:
@@ -197,7 +209,7 @@ class Block(nn.Module):
         b = self.drop(self.ff(self.ln2(h + a)))
         return h + a + b
 
-    def step(self, h: torch.Tensor, t: int, cache: list) -> torch.Tensor:
+    def step(self, h: torch.Tensor, t: int | torch.Tensor, cache: list) -> torch.Tensor:
         """One position, h (B, C); dropout is off when decoding."""
         a = self.attn.step(self.ln1(h), t, cache)
         b = self.ff(self.ln2(h + a))
@@ -307,6 +319,16 @@ class SparseTransformer(nn.Module):
         B = cache[0][0][1].batch
         h = self.start.expand(B, -1) if t == 0 else self.tok(prev)
         h = h + self.pos.at(t)
+        for blk, c in zip(self.blocks, cache):
+            h = blk.step(h, t, c)
+        return self.head(self.ln_f(h))
+
+    @torch.no_grad()
+    def decode(self, prev: torch.Tensor, t: torch.Tensor, cache: list[list]) -> torch.Tensor:
+        """``step`` for a position t >= 1 given as a 0-d int64 tensor: every shape is static, so
+        ``torch.compile(model.decode, fullgraph=True)`` captures one graph for every position
+        (``generate(..., compile=True)``). The caller checks 1 <= t < n_ctx."""
+        h = self.tok(prev) + self.pos.at(t)
         for blk, c in zip(self.blocks, cache):
             h = blk.step(h, t, c)
         return self.head(self.ln_f(h))

@@ -5,6 +5,7 @@ activations: ``attention/`` turns it into dense sub-problems.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -87,6 +88,18 @@ class Pattern:
 
         return from_allowed(lambda i, j: self.allowed(i, j), n, tile)
 
+    def step_keys(self, t: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys a decoding step at position t (a 0-d tensor) reads, with static shapes: int64 [K]
+        positions and bool [K] valid, K the most keys any position below n_ctx reads.
+
+        The default goes through ``row_keys`` on the host (eager only); the paper's patterns override
+        it with arithmetic on t, which ``torch.compile`` captures once for every position."""
+        K = _max_row(self, n_ctx)
+        keys = self.row_keys(int(t)).to(t.device)
+        idx = torch.zeros(K, dtype=torch.long, device=t.device)
+        idx[: len(keys)] = keys
+        return idx, torch.arange(K, device=t.device) < len(keys)
+
     # ------------------------------------------------------------------ derived
     def mask(self, n: int) -> torch.Tensor:
         """The reference connectivity: a BoolTensor [n, n], True where i may attend j."""
@@ -102,3 +115,14 @@ class Pattern:
     def density(self, n: int) -> float:
         """Allowed pairs as a fraction of the n(n+1)/2 causal pairs (dense = 1.0)."""
         return self.num_pairs(n) / (n * (n + 1) / 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _max_row(pattern: Pattern, n: int) -> int:
+    return max(1, int(pattern.row_counts(n).max()))
+
+
+def back_from(t: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions t - offsets that exist (>= 0), clamped to 0 where they do not: (idx, valid)."""
+    idx = t - offsets
+    return idx.clamp(min=0), idx >= 0

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Pattern
+from .base import Pattern, back_from
 from .registry import register
 from .tiles import band
 
@@ -26,6 +26,9 @@ class Dense(Pattern):
 
     def decomposition(self):
         return [("whole",)]
+
+    def step_keys(self, t, n_ctx):
+        return back_from(t, torch.arange(n_ctx, device=t.device))
 
     def tiles(self, n, tile):
         return band(n, tile, 0)

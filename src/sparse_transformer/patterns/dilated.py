@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Pattern, check_int
+from .base import Pattern, back_from, check_int
 from .registry import register
 from .tiles import columns_only
 
@@ -37,6 +37,9 @@ class DilatedWindow(Pattern):
 
     def row_keys(self, i):
         return torch.arange(i % self.dilation, i + 1, self.dilation)[-self.window:]
+
+    def step_keys(self, t, n_ctx):
+        return back_from(t, self.dilation * torch.arange(self.window, device=t.device))
 
     def tiles(self, n, tile):
         return columns_only(n, tile, self.dilation, strict=False, window=self.window)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Pattern, check_int
+from .base import Pattern, back_from, check_int
 from .registry import register
 from .tiles import band
 
@@ -31,6 +31,9 @@ class Local(Pattern):
 
     def decomposition(self):
         return [("band", self.window)]
+
+    def step_keys(self, t, n_ctx):
+        return back_from(t, torch.arange(self.window, device=t.device))
 
     def tiles(self, n, tile):
         return band(n, tile, self.window)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Pattern, check_int
+from .base import Pattern, back_from, check_int
 from .local import Local
 from .registry import register
 from .tiles import band, columns_only
@@ -36,6 +36,9 @@ class StridedColumns(Pattern):
 
     def decomposition(self):
         return [("columns", self.stride, False)]
+
+    def step_keys(self, t, n_ctx):
+        return back_from(t, self.stride * torch.arange(-(-n_ctx // self.stride), device=t.device))
 
     def tiles(self, n, tile):
         """No tile intervals: only the transposed layout, diagonal included (section 5.5)."""
@@ -71,6 +74,11 @@ class Strided(Pattern):
 
     def decomposition(self):
         return [("band", self.stride), ("columns", self.stride, True)]
+
+    def step_keys(self, t, n_ctx):
+        near = torch.arange(self.stride, device=t.device)  # i - j < stride
+        far = self.stride * torch.arange(1, max(2, -(-n_ctx // self.stride)), device=t.device)  # multiples
+        return back_from(t, torch.cat([near, far]))
 
     def tiles(self, n, tile):
         """The band of ``stride`` in tiles, plus the columns in the transposed layout (section 5.5)."""
