@@ -71,6 +71,26 @@ def _fixed_tiles(pattern: Pattern, n: int, tile: int, summaries: bool, own_start
     return from_intervals(n, tile, tiles, view, start, end, kinds, args, gather=gather, masks=masks)
 
 
+@dataclass(frozen=True)
+class _WithSummaries(Pattern):
+    """The parameters and summary offsets that Fixed and FixedSummary share."""
+
+    stride: int
+    c: int
+    distinct_heads: bool = False
+    summary: int = 0
+
+    def __post_init__(self):
+        _check(self.stride, self.c, self.summary)
+
+    def summary_start(self) -> int:
+        """The first offset of the summary columns: stride - c (summary + 1)."""
+        return self.stride - self.c * (self.summary + 1)
+
+    def per_head(self, n_head):
+        return _per_head(self, n_head)
+
+
 def _check(stride: int, c: int, summary: int) -> None:
     check_int("stride", stride, 1)
     check_int("c", c, 1, stride)
@@ -105,26 +125,11 @@ class FixedBlock(Pattern):
 
 @register("fixed_summary", "stride", "c", "distinct_heads", "summary")
 @dataclass(frozen=True)
-class FixedSummary(Pattern):
+class FixedSummary(_WithSummaries):
     """j <= i and j % stride in the summary offsets: the second factor of the fixed pattern.
 
     Queries before the first summary column have no key; their output is zero.
     """
-
-    stride: int
-    c: int
-    distinct_heads: bool = False
-    summary: int = 0
-
-    def __post_init__(self):
-        _check(self.stride, self.c, self.summary)
-
-    def summary_start(self) -> int:
-        """The first offset of the summary columns: stride - c (summary + 1)."""
-        return self.stride - self.c * (self.summary + 1)
-
-    def per_head(self, n_head):
-        return _per_head(self, n_head)
 
     def allowed(self, i, j):
         s = self.summary_start()
@@ -150,27 +155,12 @@ class FixedSummary(Pattern):
 
 @register("fixed", "stride", "c", "distinct_heads", "summary")
 @dataclass(frozen=True)
-class Fixed(Pattern):
+class Fixed(_WithSummaries):
     """j <= i and (j // stride == i // stride or j % stride in the summary offsets).
 
     With ``summary`` 0 the summary offsets are the last ``c`` of each block,
     i.e. j % stride >= stride - c.
     """
-
-    stride: int
-    c: int
-    distinct_heads: bool = False
-    summary: int = 0
-
-    def __post_init__(self):
-        _check(self.stride, self.c, self.summary)
-
-    def summary_start(self) -> int:
-        """The first offset of the summary columns: stride - c (summary + 1)."""
-        return self.stride - self.c * (self.summary + 1)
-
-    def per_head(self, n_head):
-        return _per_head(self, n_head)
 
     def allowed(self, i, j):
         s = self.summary_start()

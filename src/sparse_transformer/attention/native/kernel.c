@@ -250,6 +250,16 @@ static inline void common_keys(vi vlo, vi vhi, int W, int *a, int *b)
     *b = hi;
 }
 
+/* The natural log-sum-exp and 1/sum of VL queries from their maximum m (base 2) and sum of
+ * 2^(s - m). The sum is 0 only for a query with no key (-inf, 0); NaN (a NaN score) stays NaN. */
+static inline void finish_rows(vf m, vf sum, float *lse, float *inv)
+{
+    for (int t = 0; t < VL; t++) {
+        lse[t] = sum[t] == 0 ? -INFINITY : (m[t] + log2f(sum[t])) * LN2;
+        inv[t] = sum[t] == 0 ? 0.f : 1.0f / sum[t];
+    }
+}
+
 /* Forward: leaves unnormalised probabilities in St (0 where not allowed),
  * the log-sum-exp of each query in lse (-inf: no key) and 1/sum in inv (0: no key). */
 static void softmax_cols(float *St, int W, const int *lo, const int *hi, float *lse, float *inv)
@@ -286,12 +296,7 @@ static void softmax_cols(float *St, int W, const int *lo, const int *hi, float *
             sum += e;
             st(p, e);
         }
-        for (int t = 0; t < VL; t++) {
-            int a = v * VL + t;
-            /* sum is 0 only for a query with no key; NaN (a NaN score) stays NaN */
-            lse[a] = sum[t] == 0 ? -INFINITY : (m[t] + log2f(sum[t])) * LN2;
-            inv[a] = sum[t] == 0 ? 0.f : 1.0f / sum[t];
-        }
+        finish_rows(m, sum, lse + v * VL, inv + v * VL);
     }
 }
 
@@ -572,11 +577,7 @@ static void softmax_masked(float *St, int W, const int *full, const int32_t *Mt,
             sum += e;
             st(p, e);
         }
-        for (int t = 0; t < VL; t++) {
-            int a = v * VL + t;
-            lse[a] = sum[t] == 0 ? -INFINITY : (m[t] + log2f(sum[t])) * LN2;
-            inv[a] = sum[t] == 0 ? 0.f : 1.0f / sum[t];
-        }
+        finish_rows(m, sum, lse + v * VL, inv + v * VL);
     }
 }
 
@@ -647,6 +648,20 @@ static void segment(const Desc *d, const Seq *s, const int *e, const float **K, 
     if (dK) { *dK = (e[0] ? s->dGk : s->dk) + off; *dV = (e[0] ? s->dGv : s->dv) + off; }
 }
 
+/* Out^T = X Y^T for the rows X of every interval of tile t (the keys, or the values with
+ * ``values``), one interval after another: Out has a row per key, TQ columns. */
+static void products(const Desc *d, const Seq *s, int t, int values, const float *Yt, float *Out)
+{
+    int j = 0;
+    for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
+        const int *e = d->iv + 5 * (size_t)x;
+        const float *K, *V;
+        segment(d, s, e, &K, &V, NULL, NULL);
+        gemm_nn(e[2] - e[1], TQ, HD, values ? V : K, HD, Yt, TQ, Out + (size_t)j * TQ, TQ, 0);
+        j += e[2] - e[1];
+    }
+}
+
 static void tiles_fwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
 {
     int r0 = t * TQ, rows = imin(TQ, d->N - r0), rq = r0 - d->q0; /* rq: the tile's first row of q, o, lse */
@@ -659,16 +674,9 @@ static void tiles_fwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
         return;
     }
     transpose_tile(s->q + (size_t)rq * HD, rows, ts->Qt, d->scale * LOG2E);
-    int j = 0;
-    for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
-        const int *e = d->iv + 5 * (size_t)x;
-        const float *K, *V;
-        segment(d, s, e, &K, &V, NULL, NULL);
-        gemm_nn(e[2] - e[1], TQ, HD, K, HD, ts->Qt, TQ, b->St + (size_t)j * TQ, TQ, 0);  /* S^T = K Q^T */
-        j += e[2] - e[1];
-    }
+    products(d, s, t, 0, ts->Qt, b->St);  /* S^T = K Q^T */
     softmax_masked(b->St, W, b->full, b->Mt, ts->lse, ts->inv);
-    j = 0;
+    int j = 0;
     for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
         const int *e = d->iv + 5 * (size_t)x;
         const float *K, *V;
@@ -693,18 +701,11 @@ static void tiles_bwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
     const float *Qr = s->q + (size_t)rq * HD, *dOr = s->dout + (size_t)rq * HD;
     transpose_tile(Qr, rows, ts->Qt, d->scale * LOG2E);
     transpose_tile(dOr, rows, ts->dOt, 1.0f);
-    int j = 0;
-    for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
-        const int *e = d->iv + 5 * (size_t)x;
-        const float *K, *V;
-        segment(d, s, e, &K, &V, NULL, NULL);
-        gemm_nn(e[2] - e[1], TQ, HD, K, HD, ts->Qt, TQ, b->St + (size_t)j * TQ, TQ, 0);    /* S^T  = K Q^T  */
-        gemm_nn(e[2] - e[1], TQ, HD, V, HD, ts->dOt, TQ, b->dPt + (size_t)j * TQ, TQ, 0);  /* dP^T = V dO^T */
-        j += e[2] - e[1];
-    }
+    products(d, s, t, 0, ts->Qt, b->St);   /* S^T  = K Q^T  */
+    products(d, s, t, 1, ts->dOt, b->dPt); /* dP^T = V dO^T */
     grad_masked(b->St, b->dPt, W, b->full, b->Mt, d->scale, ts->lse, ts->delta);
     float *dQr = s->dq + (size_t)rq * HD;
-    j = 0;
+    int j = 0;
     for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
         const int *e = d->iv + 5 * (size_t)x;
         const float *K, *V;
