@@ -143,3 +143,36 @@ def make_cache(pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, l
     parts = {name for name, *_ in pattern.decomposition() or []}
     kind = FixedCache if parts and parts <= {"blocks", "summaries", "own_summary"} else FullCache
     return kind(pattern, B, h, n_ctx, dk, dv, like)
+
+
+class LayerCache:
+    """The caches of one layer: (head indices, cache) for each group of heads that share a pattern."""
+
+    def __init__(self, groups: list[tuple[torch.Tensor, FullCache | FixedCache]]):
+        self.groups = groups
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def nbytes(self) -> int:
+        return sum(cache.nbytes() for _, cache in self.groups)
+
+
+class ModelCache:
+    """A model's KV cache (``model.new_cache(batch)``): one ``LayerCache`` per block, for ``batch``
+    sequences. Prefill fills it (``model(x, cache=cache)``), decoding steps read and extend it."""
+
+    def __init__(self, layers: list[LayerCache], batch: int):
+        self.layers, self.batch = layers, batch
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..model import ModelConfig, SparseTransformer
+from ..attention.kv_cache import ModelCache
 from ..model.generate import _compiled, generate
 from ..sysutil import tune_malloc
 from .common import machine_info, table
@@ -86,10 +87,10 @@ def run(*, positions=(1024, 16384), gen_length: int = 4096, n_layer: int = 8, d_
     }
 
 
-def _step_ms(model: SparseTransformer, cache: list, t: int, repeat: int, compiled: bool = False) -> float:
+def _step_ms(model: SparseTransformer, cache: ModelCache, t: int, repeat: int, compiled: bool = False) -> float:
     """Median milliseconds of one decoding step at position t (the cost depends on t, not on the contents);
     ``compiled``: of ``generate``'s compiled step (its compile time left out)."""
-    B = cache[0][0][1].batch
+    B = cache.batch
     prev = torch.zeros(B, dtype=torch.long)
     step = (lambda: _compiled(model)(prev, torch.tensor(t), cache)) if compiled else (lambda: model.step(prev, t, cache))
     step()

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..attention.heads import head_groups
-from ..attention.kv_cache import DenseCache, make_cache
+from ..attention.kv_cache import DenseCache, LayerCache, ModelCache, make_cache
 from .config import ModelConfig
 
 
@@ -102,7 +102,7 @@ class Attention(nn.Module):
             q, k = rotate(q, pos), rotate(k, pos)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """x (B, T, C) at positions 0..T-1 -> (B, T, C); with ``cache`` (from ``new_cache``), also stores
         the keys and values of those positions in it (prefill), so decoding continues at position T."""
         B, T, C = x.shape
@@ -121,19 +121,19 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
-    def new_cache(self, B: int, n_ctx: int, like: torch.Tensor, dense: bool = False) -> list:
+    def new_cache(self, B: int, n_ctx: int, like: torch.Tensor, dense: bool = False) -> LayerCache:
         """One pattern-following KV cache per group of heads that share a key set (``dense``: one cache
         of every position that each step reads whole, the baseline of ``bench sample``)."""
         H = self.n_head
         if dense:
-            return [(torch.arange(H), DenseCache(self.pattern, B, H, n_ctx, self.d_qk // H, self.d_v // H, like))]
-        return [
+            return LayerCache([(torch.arange(H), DenseCache(self.pattern, B, H, n_ctx, self.d_qk // H, self.d_v // H, like))])
+        return LayerCache([
             (heads, make_cache(p, B, len(heads), n_ctx, self.d_qk // H, self.d_v // H, like))
             for heads, p in head_groups(self.pattern, H)
-        ]
+        ])
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, t: int | torch.Tensor, cache: list) -> torch.Tensor:
+    def step(self, x: torch.Tensor, t: int | torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """Decode position t: x (B, C) -> (B, C), reading only the keys the pattern allows.
 
         Writes position t into ``cache`` (from ``new_cache``). q.k is computed
@@ -204,12 +204,12 @@ class Block(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         a = self.drop(self.attn(self.ln1(h), cache))
         b = self.drop(self.ff(self.ln2(h + a)))
         return h + a + b
 
-    def step(self, h: torch.Tensor, t: int | torch.Tensor, cache: list) -> torch.Tensor:
+    def step(self, h: torch.Tensor, t: int | torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """One position, h (B, C); dropout is off when decoding."""
         a = self.attn.step(self.ln1(h), t, cache)
         b = self.ff(self.ln2(h + a))
@@ -269,7 +269,7 @@ class SparseTransformer(nn.Module):
         return self.drop(h + self.pos(T))
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
-                cache: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: ModelCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T) int64 in [0, vocab) -> (logits (B, T, vocab), loss); logits[:, t] predicts x[:, t].
 
         The model predicts its own input (the start token stands before x[:, 0]), so ``targets`` is
@@ -298,25 +298,25 @@ class SparseTransformer(nn.Module):
         lines = {explain_path(q, blk.attn.pattern) for blk in self.blocks}
         return "; ".join(sorted(lines))
 
-    def new_cache(self, batch: int, dense: bool = False) -> list[list]:
+    def new_cache(self, batch: int, dense: bool = False) -> ModelCache:
         """KV caches for every block that follow each block's pattern (see attention/kv_cache.py);
         ``dense``: caches of every position read whole at each step (a baseline, not this model's attention)."""
         like = next(self.parameters())
-        return [blk.attn.new_cache(batch, self.cfg.n_ctx, like, dense) for blk in self.blocks]
+        return ModelCache([blk.attn.new_cache(batch, self.cfg.n_ctx, like, dense) for blk in self.blocks], batch)
 
     @staticmethod
-    def cache_bytes(cache: list[list]) -> int:
-        return sum(group.nbytes() for layer in cache for _, group in layer)
+    def cache_bytes(cache: ModelCache) -> int:
+        return cache.nbytes()
 
     @torch.no_grad()
-    def step(self, prev: torch.Tensor | None, t: int, cache: list[list]) -> torch.Tensor:
+    def step(self, prev: torch.Tensor | None, t: int, cache: ModelCache) -> torch.Tensor:
         """Logits (B, vocab) for position t given the byte at t-1 (``prev``, (B,); None at t=0).
 
         Equal to ``forward(x)[:, t]`` when fed x[t-1] at every t (tested).
         """
         if t >= self.cfg.n_ctx:
             raise ValueError(f"position {t} is beyond model.n_ctx={self.cfg.n_ctx}")
-        B = cache[0][0][1].batch
+        B = cache.batch
         h = self.start.expand(B, -1) if t == 0 else self.tok(prev)
         h = h + self.pos.at(t)
         for blk, c in zip(self.blocks, cache):
@@ -324,7 +324,7 @@ class SparseTransformer(nn.Module):
         return self.head(self.ln_f(h))
 
     @torch.no_grad()
-    def decode(self, prev: torch.Tensor, t: torch.Tensor, cache: list[list]) -> torch.Tensor:
+    def decode(self, prev: torch.Tensor, t: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """``step`` for a position t >= 1 given as a 0-d int64 tensor: every shape is static, so
         ``torch.compile(model.decode, fullgraph=True)`` captures one graph for every position
         (``generate(..., compile=True)``). The caller checks 1 <= t < n_ctx."""
