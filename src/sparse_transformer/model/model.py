@@ -102,9 +102,19 @@ class Attention(nn.Module):
             q, k = rotate(q, pos), rotate(k, pos)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """x (B, T, C) at positions 0..T-1 -> (B, T, C); with ``cache`` (from ``new_cache``), also stores
-        the keys and values of those positions in it (prefill), so decoding continues at position T."""
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                input_pos: int | torch.Tensor | None = None) -> torch.Tensor:
+        """One forward for training, prefill and decoding: x (B, T, C) -> (B, T, C).
+
+        - no ``cache``: positions 0..T-1 (training);
+        - ``cache`` (from ``new_cache``), no ``input_pos``: positions 0..T-1, whose keys and values
+          are also stored in the cache (prefill), so decoding continues at position T;
+        - ``cache`` and ``input_pos`` t (T = 1): decode position t, reading only the keys the pattern
+          allows from the cache after writing t's. With t a 0-d tensor every shape is static (the
+          cache's ``read_at``: the most keys any position reads, masked), for a compiled step.
+        """
+        if input_pos is not None:
+            return self._decode(x, input_pos, cache)
         B, T, C = x.shape
         q, k, v = self.heads(x)
         if cache is not None:
@@ -120,7 +130,6 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y)
 
-
     def new_cache(self, B: int, n_ctx: int, like: torch.Tensor, dense: bool = False) -> LayerCache:
         """One pattern-following KV cache per group of heads that share a key set (``dense``: one cache
         of every position that each step reads whole, the baseline of ``bench sample``)."""
@@ -132,18 +141,13 @@ class Attention(nn.Module):
             for heads, p in head_groups(self.pattern, H)
         ])
 
-    @torch.no_grad()
-    def step(self, x: torch.Tensor, t: int | torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        """Decode position t: x (B, C) -> (B, C), reading only the keys the pattern allows.
-
-        Writes position t into ``cache`` (from ``new_cache``). q.k is computed
-        in float32 (section 5.6: it overflows float16). With t a 0-d tensor every shape is static
-        (the cache's ``read_at``: the most keys any position reads, masked), for a compiled step.
-        """
-        B, C = x.shape
+    def _decode(self, x: torch.Tensor, t: int | torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """Position t: x (B, 1, C) -> (B, 1, C). q.k is computed in float32 (section 5.6: it overflows
+        float16)."""
+        B, _, C = x.shape
         H = self.n_head
         static = torch.is_tensor(t)
-        q, k_new, v_new = (y.reshape(B, H, -1) for y in self.project(x))
+        q, k_new, v_new = (y.reshape(B, H, -1) for y in self.project(x[:, 0]))  # (B, H, D)
         if self.rotary:
             pos = t.view(1) if static else torch.tensor([t], device=x.device)
             q, k_new = rotate(q[:, :, None], pos)[:, :, 0], rotate(k_new[:, :, None], pos)[:, :, 0]
@@ -154,8 +158,8 @@ class Attention(nn.Module):
             if static:
                 group.write_at(t, k_new[:, heads], v_new[:, heads])
                 k, v, valid = group.read_at(t)  # (B, h, K, D), (K,)
-                o = F.scaled_dot_product_attention(q[:, heads, None].float(), k.float(), v.float(), attn_mask=valid[None, :],
-                                                   scale=scale)
+                o = F.scaled_dot_product_attention(q[:, heads, None].float(), k.float(), v.float(),
+                                                   attn_mask=valid[None, :], scale=scale)
                 out[:, heads] = torch.where(valid.any(), o[:, :, 0], 0.0).to(out.dtype)  # no valid key: zero
                 continue
             group.write(t, k_new[:, heads], v_new[:, heads])
@@ -164,7 +168,7 @@ class Attention(nn.Module):
                 continue  # no allowed key: zero output, as in attention()
             o = F.scaled_dot_product_attention(q[:, heads, None].float(), k.float(), v.float(), scale=scale)
             out[:, heads] = o[:, :, 0].to(out.dtype)  # (B, h, D)
-        return self.proj(out.reshape(B, C))
+        return self.proj(out.reshape(B, 1, C))
 
 
 def _join_qkv(state: dict, prefix: str, *args) -> None:
@@ -204,15 +208,11 @@ class Block(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        a = self.drop(self.attn(self.ln1(h), cache))
+    def forward(self, h: torch.Tensor, cache: LayerCache | None = None,
+                input_pos: int | torch.Tensor | None = None) -> torch.Tensor:
+        """h (B, T, C); ``cache`` and ``input_pos`` as in ``Attention.forward`` (training, prefill, decoding)."""
+        a = self.drop(self.attn(self.ln1(h), cache, input_pos))
         b = self.drop(self.ff(self.ln2(h + a)))
-        return h + a + b
-
-    def step(self, h: torch.Tensor, t: int | torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        """One position, h (B, C); dropout is off when decoding."""
-        a = self.attn.step(self.ln1(h), t, cache)
-        b = self.ff(self.ln2(h + a))
         return h + a + b
 
 
@@ -316,22 +316,22 @@ class SparseTransformer(nn.Module):
         """
         if t >= self.cfg.n_ctx:
             raise ValueError(f"position {t} is beyond model.n_ctx={self.cfg.n_ctx}")
-        B = cache.batch
-        h = self.start.expand(B, -1) if t == 0 else self.tok(prev)
-        h = h + self.pos.at(t)
-        for blk, c in zip(self.blocks, cache):
-            h = blk.step(h, t, c)
-        return self.head(self.ln_f(h))
+        h = self.start.expand(cache.batch, -1) if t == 0 else self.tok(prev)
+        return self._decode(h, t, cache)
 
     @torch.no_grad()
     def decode(self, prev: torch.Tensor, t: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """``step`` for a position t >= 1 given as a 0-d int64 tensor: every shape is static, so
         ``torch.compile(model.decode, fullgraph=True)`` captures one graph for every position
         (``generate(..., compile=True)``). The caller checks 1 <= t < n_ctx."""
-        h = self.tok(prev) + self.pos.at(t)
+        return self._decode(self.tok(prev), t, cache)
+
+    def _decode(self, h: torch.Tensor, t: int | torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """The input embedding h (B, C) of position t -> logits (B, vocab), through the blocks' forward."""
+        h = (h + self.pos.at(t))[:, None]  # (B, 1, C)
         for blk, c in zip(self.blocks, cache):
-            h = blk.step(h, t, c)
-        return self.head(self.ln_f(h))
+            h = blk(h, c, t)
+        return self.head(self.ln_f(h))[:, 0]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
