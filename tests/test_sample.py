@@ -76,6 +76,19 @@ def test_sample_audio_wav(tmp_path, data_dir):
         assert w.getnframes() == 2 * 200 + 3000  # two samples and a quarter second of silence between
     r = run_cli("sample", str(run), "--prompt", "x")
     assert r.returncode == 2 and "--prompt is for text models; this is an audio model" in r.stderr
+    # a recording to continue: prefilled, and the output starts with it
+    from sparse_transformer.data.formats import mu_law_encode, write_wav
+
+    codes = mu_law_encode(np.sin(np.arange(120) / 5.0).astype(np.float32) * 0.5).astype(np.uint8)
+    write_wav(tmp_path / "prompt.wav", codes)
+    r = run_cli("sample", str(run), "-n", "2", "--length", "50", "--prompt-audio", str(tmp_path / "prompt.wav"),
+                "-o", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    with wave.open(str(out)) as w:
+        assert w.getnframes() == 2 * (120 + 50) + 3000
+    write_wav(tmp_path / "long.wav", np.zeros(300, dtype=np.uint8))
+    r = run_cli("sample", str(run), "--prompt-audio", str(tmp_path / "long.wav"))
+    assert r.returncode == 2 and "use a shorter recording" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

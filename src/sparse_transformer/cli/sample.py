@@ -22,6 +22,9 @@ def add(sub) -> None:
     sp.add_argument("--length", type=at_least(1), default=None, help="steps to generate for text (default min(500, n_ctx)) and audio (default n_ctx)")
     sp.add_argument("--temperature", type=finite_at_least(0), default=1.0, help="softmax temperature; 0 means argmax (default 1.0)")
     sp.add_argument("--prompt", default=None, help="text to continue (text models)")
+    sp.add_argument("--prompt-audio", default=None, metavar="FILE",
+                    help="audio models: continue this recording (WAV, FLAC or OGG; mono, 12 kHz, mu-law as in "
+                         "training), prefilled in one pass; the output starts with it")
     sp.add_argument("--complete", default=None, metavar="INDEX_OR_FILE",
                     help="image models: complete the top half of test image INDEX, or of an image FILE of the model's size")
     sp.add_argument("--seed", type=at_least(0), default=0)
@@ -54,6 +57,16 @@ def run(args, extra) -> int:
         raise UsageError("--complete is for image models; use --prompt TEXT for a text model")
     if args.prompt is not None and modality != "text":
         raise UsageError(f"--prompt is for text models; this is an {modality} model")
+    prompt = (args.prompt or "").encode("utf-8")
+    if args.prompt_audio is not None:
+        if modality != "audio":
+            raise UsageError(f"--prompt-audio is for audio models; this is a {modality} model")
+        from ..data.formats import mu_law_encode, read_audio
+
+        prompt = mu_law_encode(read_audio(Path(args.prompt_audio))).astype(np.uint8).tobytes()
+        if len(prompt) >= cfg.model.n_ctx:
+            raise UsageError(f"--prompt-audio has {len(prompt)} steps at 12 kHz; the model's context is "
+                             f"{cfg.model.n_ctx}: use a shorter recording")
     if args.length is not None and args.length < 1:
         raise UsageError("--length must be >= 1")
     complete = None
@@ -82,7 +95,7 @@ def run(args, extra) -> int:
         bar = tqdm(unit="byte", leave=False, file=sys.stderr)
     try:
         msg = sample(model, n=args.n, temperature=args.temperature, seed=args.seed, out=args.out,
-                     prompt=(args.prompt or "").encode("utf-8"), length=args.length, complete=complete,
+                     prompt=prompt, length=args.length, complete=complete,
                      progress=bar.update if bar is not None else None, modality=modality,
                      compile=args.compile)
     finally:
