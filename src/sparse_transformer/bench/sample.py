@@ -1,6 +1,6 @@
 """``sparse-transformer bench sample``: decoding with the pattern-following KV cache (not in the paper).
 
-- Time per token at two positions (default 1,024 and 16,384): one ``model.step``
+- Time per token at two or more positions (default 1,024 and 16,384): one ``model.step``
   at position t, median of repeats, with the cache allocated for the longest
   position (the cost of a step depends on t, not on the cache's contents).
 - Generating L tokens (default 4,096) with the cache, timed, against

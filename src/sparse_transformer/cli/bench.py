@@ -52,12 +52,13 @@ def _add_sample(bsub) -> None:
     sa = bsub.add_parser(
         "sample",
         help="decoding with the sparse KV cache: time per token, generation vs recompute, cache size",
-        description="Times model.step at two positions, tokens/s for 1 and 8 samples and against a dense "
+        description="Times model.step at two or more positions, tokens/s for 1 and 8 samples and against a dense "
         "KV-cache baseline (the same weights attending every cached position), the prefill of a prompt as long "
         "as the last position against one forward pass, generation of --length tokens with the cache against "
         "an estimate of recomputing the full forward pass per token, and the KV cache size against dense.",
     )
-    sa.add_argument("--positions", type=_positive_ints, default=[1024, 16384], help="two positions (default 1024,16384)")
+    sa.add_argument("--positions", type=_positive_ints, default=[1024, 16384], help="two or more ascending positions, e.g. 1024,16384,65536 (default 1024,16384); "
+                    "the ratio is last over first, the prefill and tokens/s are at the last")
     sa.add_argument("--length", type=at_least(1), default=4096, help="tokens to generate (default 4096)")
     sa.add_argument("--layers", type=at_least(1), default=8)
     sa.add_argument("--d-model", type=at_least(1), default=256)
@@ -208,8 +209,8 @@ def run_sample(args, extra) -> int:
     no_extra(extra)
     from ..bench import sample as bs
 
-    if len(args.positions) != 2:
-        raise UsageError("--positions takes exactly two positions, e.g. 1024,16384")
+    if len(args.positions) < 2 or sorted(set(args.positions)) != list(args.positions):
+        raise UsageError("--positions takes two or more ascending positions, e.g. 1024,16384,65536")
     pats = _patterns(args.patterns)
     result = bs.run(positions=tuple(args.positions), gen_length=args.length, n_layer=args.layers,
                     d_model=args.d_model, n_head=args.heads, stride=args.stride, c=args.c, patterns=pats,
