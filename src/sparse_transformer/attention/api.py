@@ -102,8 +102,9 @@ def _decomposable(p: Pattern) -> bool:
         make_plan(p, 1)
         return True
     except ValueError:
-        warnings.warn(f"{type(p).__name__} has no fast decomposition yet: it runs as one SDPA call with its N x N mask "
-                      "(exact, O(N^2) time and memory)", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{type(p).__name__} has no fast decomposition: off the native kernel (float64, CUDA, or the "
+                      "kernel off) it runs as one SDPA call with its N x N mask (exact, O(N^2) time and memory)",
+                      RuntimeWarning, stacklevel=4)
         return False
 
 
@@ -116,7 +117,7 @@ def explain_path(q: torch.Tensor, pattern: Pattern | Sequence[Pattern], backend:
     if path == "decomposition" and all(isinstance(p, Dense) for p in pats):
         return "one causal SDPA call (dense)"
     if path == "masked" and not all(_decomposable(p) for p in pats):
-        return "SDPA with the pattern's N x N mask (no fast decomposition for this pattern yet)"
+        return "SDPA with the pattern's N x N mask (no decomposition for this pattern; the native kernel is not in use)"
     if path == "masked":
         return f"SDPA with the pattern's mask (N={N} < {MASKED_SDPA_BELOW}: faster than the decomposition here)"
     if path == "decomposition" and q.device.type == "cpu":
@@ -124,7 +125,7 @@ def explain_path(q: torch.Tensor, pattern: Pattern | Sequence[Pattern], backend:
             return "fused-SDPA decomposition (float64)"
         if backend == "auto":
             return f"fused-SDPA decomposition ({native.describe(native.padded_dim(q.shape[-1]))})"
-    return f"fused-SDPA decomposition ({'no native pass for this pattern' if path == 'decomposition' else path})"
+    return f"fused-SDPA decomposition ({q.device.type}, backend {backend})" if path == "decomposition" else path
 
 
 def attention(
