@@ -28,9 +28,7 @@ def per_head_patterns(pattern: Pattern | Sequence[Pattern], n_head: int) -> list
 def by_head_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list[Pattern], run) -> torch.Tensor:
     """``run(q, k, v, pattern)`` once per group of heads that share a pattern, reassembled in head
     order: one call when every head shares it, slices and one cat for contiguous runs of heads."""
-    groups: dict[Pattern, list[int]] = {}
-    for h, p in enumerate(pats):
-        groups.setdefault(p, []).append(h)
+    groups = _groups(pats)
     if len(groups) == 1:
         return run(q, k, v, pats[0])
     if all(h == list(range(h[0], h[-1] + 1)) for h in groups.values()):
@@ -51,7 +49,12 @@ def by_head_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list
 
 def head_groups(pattern: Pattern | Sequence[Pattern], n_head: int) -> list[tuple[torch.Tensor, Pattern]]:
     """(head indices, pattern) for the heads that share one pattern."""
+    return [(torch.tensor(hs), p) for p, hs in _groups(per_head_patterns(pattern, n_head)).items()]
+
+
+def _groups(pats: list[Pattern]) -> dict[Pattern, list[int]]:
+    """The heads of each distinct pattern, in order of first appearance."""
     groups: dict[Pattern, list[int]] = {}
-    for h, p in enumerate(per_head_patterns(pattern, n_head)):
+    for h, p in enumerate(pats):
         groups.setdefault(p, []).append(h)
-    return [(torch.tensor(hs), p) for p, hs in groups.items()]
+    return groups

@@ -1,6 +1,8 @@
 """The kernel as PyTorch operators: descriptions by key, custom ops with autograd, ``tiles_attention``."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -40,9 +42,20 @@ def _description_key(token: str, n: int, tile: int) -> str:
 
 
 def _pattern(token: str):
+    from ...patterns.registry import _INSTANCES
+
+    if token.startswith("object#"):
+        return _OBJECTS[token]
+    if token in _INSTANCES:  # a named instance (Custom): the one registered now under that name
+        return _INSTANCES[token]
+    return _parse(token)
+
+
+@functools.lru_cache(maxsize=256)  # every forward and backward resolves its key: parse each spec once
+def _parse(spec: str):
     from ...patterns.registry import parse
 
-    return _OBJECTS[token] if token.startswith("object#") else parse(token)
+    return parse(spec)
 
 
 def _tiles(key: str):
