@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import Dense, Pattern
-from . import native
+from . import flex, native
 from .heads import by_head_groups, per_head_patterns
 from .merge import SparseAttentionFunction
 from .sdpa import default_scale, masked_sdpa, select_kernel
@@ -19,7 +19,7 @@ from .native import tiles_attention
 from .plan import make_plan
 from .reference import reference_attention
 
-BACKENDS = ("auto", "reference", "native", "cpu", "cuda", "math")
+BACKENDS = ("auto", "reference", "native", "flex", "cpu", "cuda", "math")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Where the native kernel is off or cannot be built, ``auto`` on the CPU runs a sparse pattern below
@@ -79,13 +79,35 @@ def _use_native(q: torch.Tensor, pats: list[Pattern], backend: str) -> bool:
     return ok
 
 
+def _use_flex(q: torch.Tensor, pats: list[Pattern], backend: str) -> bool:
+    """FlexAttention: when asked for (or a ValueError saying why not), and by default on CUDA."""
+    if backend == "flex":
+        if not flex.available():
+            raise ValueError("backend 'flex' needs torch.nn.attention.flex_attention (PyTorch >= 2.5)")
+        if q.dtype == torch.float64:
+            raise ValueError("backend 'flex' computes in float32, bfloat16 or float16; float64 runs on backend 'cpu'")
+        if any(isinstance(p, Dense) for p in pats):
+            raise ValueError("backend 'flex' computes sparse patterns; Dense runs on one causal SDPA call")
+        if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+            raise ValueError("backend 'flex' on the CPU is forward only (FlexAttention has no CPU backward); "
+                             "use backend 'auto' (the native kernel) to train")
+        if q.device.type == "cpu" and any(flex.merges(p) for p in pats):
+            raise ValueError("backend 'flex' on the CPU runs one layout per pattern: its compiled FlexAttention "
+                             "returns no log-sum-exp to merge strided's band and columns; use backend 'auto'")
+        return True
+    return (backend == "auto" and q.device.type == "cuda" and flex.available() and not flex.failed()
+            and q.dtype != torch.float64 and q.shape[-1] >= 16 and not any(isinstance(p, Dense) for p in pats))
+
+
 def choose_path(q: torch.Tensor, pats: list[Pattern], backend: str) -> str:
-    """The path of one call: "reference", "native", "masked" (one SDPA call with the pattern's mask)
-    or "decomposition". ``explain_path`` says why, for the train header and the benchmarks."""
+    """The path of one call: "reference", "native", "flex", "masked" (one SDPA call with the pattern's
+    mask) or "decomposition". ``explain_path`` says why, for the train header and the benchmarks."""
     if backend == "reference":
         return "reference"
     if _use_native(q, pats, backend):
         return "native"
+    if _use_flex(q, pats, backend):
+        return "flex"
     if (backend == "auto" and q.device.type == "cpu" and q.shape[2] < MASKED_SDPA_BELOW
             and not all(isinstance(p, Dense) for p in pats)):
         return "masked"
@@ -114,6 +136,8 @@ def explain_path(q: torch.Tensor, pattern: Pattern | Sequence[Pattern], backend:
     path, N = choose_path(q, pats, backend), q.shape[2]
     if path == "native":
         return native.describe(native.padded_dim(q.shape[-1]))
+    if path == "flex":
+        return f"FlexAttention, block masks from the pattern's description (block {flex.BLOCK})"
     if path == "decomposition" and all(isinstance(p, Dense) for p in pats):
         return "one causal SDPA call (dense)"
     if path == "masked" and not all(_decomposable(p) for p in pats):
@@ -152,9 +176,12 @@ def attention(
       "auto"      the fast path: on the CPU, the native kernel for every sparse pattern, read
                   from its description (float32 math; bfloat16/float16 inputs are computed in
                   float32, float64 stays on the decomposition), one causal SDPA call for Dense;
-                  on CUDA, the decomposition on the fused SDPA kernel; "math" with a warning elsewhere
+                  on CUDA, FlexAttention (``flex``; the decomposition if it fails, said once);
+                  the decomposition on the "math" kernel, with a warning, elsewhere
       "reference" dense masked softmax, O(N^2): the test oracle
       "native"    the native CPU kernel (``attention/native/kernel.c``), or a ValueError
+      "flex"      FlexAttention with block masks built from the description (``attention/flex.py``):
+                  the default on CUDA; forward only on the CPU
       "cpu", "cuda", "math"  the decomposition (section 5.5) on that fused kernel
 
     The fast path never forms an N x N matrix: for strided and fixed patterns
@@ -190,6 +217,11 @@ def attention(
     upcast = backend == "auto" and q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
     if path == "masked":
         return masked_sdpa(q, k, v, pats, scale, upcast)
+    if path == "flex":
+        out = flex.run(q, k, v, pats, scale, fallback=backend == "auto")
+        if out is not None:
+            return out
+        return attention(q, k, v, pats, backend="cuda", scale=scale)  # flex failed on auto: said once
     kernel = None if use_native else select_kernel(q.device, "auto" if backend == "native" else backend)
 
     def run(q, k, v, p: Pattern) -> torch.Tensor:

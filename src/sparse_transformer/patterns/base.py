@@ -56,9 +56,10 @@ class Pattern:
         none (it then runs there as one SDPA call with its mask). The KV cache reads it too."""
         return None
 
-    def mask_mod(self, n: int):
-        """``allowed`` as a predicate FlexAttention can trace (``bench attention --against flex``):
-        no data-dependent Python, valid for positions below n."""
+    def mask_mod(self, n: int, device: torch.device | str = "cpu"):
+        """``allowed`` as a predicate FlexAttention can trace (``backend="flex"``, ``bench attention
+        --against flex``): no data-dependent Python, valid for positions below n, any tables it
+        reads on ``device``."""
         return self.allowed
 
     def per_head(self, n_head: int) -> list["Pattern"]:

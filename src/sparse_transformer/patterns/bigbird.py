@@ -50,8 +50,8 @@ class BigBird(Pattern):
             t[qb, list(_random_blocks(self.seed, self.n_random_blocks, qb))] = True
         return t
 
-    def mask_mod(self, n):
-        table = self.random_table(-(-n // self.block))
+    def mask_mod(self, n, device="cpu"):
+        table = self.random_table(-(-n // self.block)).to(device)
         g, b, w = self.n_global * self.block, self.block, self.window
         return lambda i, j: (j <= i) & ((i - j < w) | (j < g) | (i < g) | table[i // b, j // b])
 

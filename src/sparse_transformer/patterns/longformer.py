@@ -37,10 +37,11 @@ class Longformer(Pattern):
         g = self.global_positions
         return torch.arange(g) if isinstance(g, int) else torch.tensor(g, dtype=torch.long)
 
-    def mask_mod(self, n):
+    def mask_mod(self, n, device="cpu"):
         is_global = torch.zeros(n, dtype=torch.bool)
         g = self.positions()
         is_global[g[g < n]] = True
+        is_global = is_global.to(device)
         return lambda i, j: (j <= i) & ((i - j < self.window) | is_global[j] | is_global[i])
 
     def allowed(self, i, j):

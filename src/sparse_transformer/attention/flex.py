@@ -1,0 +1,357 @@
+"""FlexAttention with block masks built from the pattern's description (paper section 5.5).
+
+Each layout of a pattern's description (``patterns/tiles.py``) becomes one ``flex_attention`` call:
+
+- the tiles (layout 0): the description is built with FlexAttention's query block as its tile;
+  each tile's key intervals give the key blocks it reads. A block is *full* when every query of
+  the tile attends every key in it, *partial* when some do (FlexAttention applies the mask_mod
+  there only), and absent otherwise;
+- the columns (layout 1, strided's second factor): the sequence viewed as [N/l, l] and transposed
+  to [l, N/l], where every column is a causal run of N/l positions, so its blocks are local.
+
+The two calls' outputs are merged through their log-sum-exps with differentiable torch ops.
+The block lists are built directly (``BlockMask`` from kv and q lists, including the transposed
+ones the backward reads), in O(N / block) work and memory for the paper's patterns: no
+``create_block_mask``, and nothing of size (N / block)^2.
+
+FlexAttention runs its fused Triton kernels, forward and backward, on CUDA; on the CPU its
+compiled forward runs (no backward), which is what the tests check there.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..patterns import Pattern
+from ..patterns.tiles import BAND, FULL, MASK, Tiles, describe
+
+BLOCK = 128  # FlexAttention's default block; the smallest it accepts on CUDA is 16
+
+
+# ------------------------------------------------------------------ block lists
+def _overlaps(tile: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, any_lo: torch.Tensor, any_hi: torch.Tensor,
+              all_lo: torch.Tensor, all_hi: torch.Tensor, block: int):
+    """For key ranges [lo, hi) of tiles, one entry per key block they touch: (tile, key block, keys
+    some query of the tile attends there (> 0 or not), keys every query attends there)."""
+    keep = hi > lo
+    tile, lo, hi, any_lo, any_hi, all_lo, all_hi = (t[keep] for t in (tile, lo, hi, any_lo, any_hi, all_lo, all_hi))
+    b0, b1 = lo // block, (hi - 1) // block + 1
+    count = b1 - b0
+    idx = torch.repeat_interleave(torch.arange(len(lo)), count)
+    kb = b0[idx] + torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    k0, k1 = kb * block, kb * block + block
+
+    def overlap(a, b):
+        return (torch.minimum(b[idx], k1) - torch.maximum(a[idx], k0)).clamp(min=0)
+
+    return tile[idx], kb, overlap(any_lo, any_hi), overlap(all_lo, all_hi)
+
+
+def _tile_entries(t: Tiles, block: int, gathered: bool):
+    """(tile, key block, any keys, all keys) for every interval of a description built with
+    tile == block: view-0 FULL and BAND intervals as ranges, MASK intervals key by key, and the
+    gathered keys (view 1) key by key at their positions, unless ``gathered`` (their own layout)."""
+    T, n = t.tile, t.n
+    tile_of = torch.repeat_interleave(torch.arange(t.ntiles), (t.ptr[1:] - t.ptr[:-1]).long())
+    view, s, e, kind, arg = (t.iv[:, c].long() for c in range(5))
+    r0 = tile_of * T
+    r1 = torch.clamp(r0 + T, max=n)
+    big = torch.full_like(s, 2 * n + 2 * T)
+    win = torch.where(arg > 0, arg, big)  # BAND 0: every earlier key
+    band = kind == BAND
+    # BAND w: some query of [r0, r1) attends k iff r0 - w < k <= r1 - 1; all do iff r1 - w <= k <= r0
+    any_lo = torch.where(band, r0 - win + 1, s)
+    any_hi = torch.where(band, r1, e)
+    all_lo = torch.where(band, r1 - win, torch.where(kind == FULL, s, e))
+    all_hi = torch.where(band, r0 + 1, torch.where(kind == FULL, e, s))
+    rng = (view == 0) & (kind != MASK)
+    ranges = _overlaps(tile_of[rng], s[rng], e[rng], torch.maximum(any_lo, s)[rng], torch.minimum(any_hi, e)[rng],
+                       torch.maximum(all_lo, s)[rng], torch.minimum(all_hi, e)[rng], block)
+    # key by key: gathered keys (view 1) and the MASK intervals' columns
+    singles = (kind == MASK) if gathered else ~rng | (kind == MASK)
+    parts = [ranges]
+    for x in torch.nonzero(singles & ((view == 0) | ~torch.tensor(gathered))).flatten().tolist():
+        keys = torch.arange(int(s[x]), int(e[x]))
+        pos = keys if view[x] == 0 else t.gather[keys].long()
+        rows = int(r1[x] - r0[x])
+        if kind[x] == MASK:
+            m = t.masks[int(arg[x]) : int(arg[x]) + rows * len(keys)].view(rows, len(keys)).bool()
+            some, every = m.any(0), m.all(0)
+        elif kind[x] == FULL:
+            some = every = torch.ones(len(keys), dtype=torch.bool)
+        else:
+            q = torch.arange(int(r0[x]), int(r1[x]))[:, None]
+            ok = pos[None, :] <= q
+            if arg[x] > 0:
+                ok &= q - pos[None, :] < int(arg[x])
+            some, every = ok.any(0), ok.all(0)
+        parts.append((torch.full_like(pos, int(tile_of[x])), pos // block, some.long(), every.long()))
+    return [torch.cat(c) for c in zip(*parts)]
+
+
+def _column_entries(n: int, l: int, strict: bool, window: int, block: int):
+    """The columns layout in transposed coordinates p = c * (n / l) + m: query p attends the earlier
+    positions of its own run of M = n / l (strictly earlier when ``strict``), the nearest ``window``."""
+    M, s = n // l, int(strict)
+    w = window if window else 2 * n
+    qb = torch.arange(-(-n // block))
+    r0, r1 = qb * block, torch.clamp(qb * block + block, max=n)
+    first, last = r0 // M, (r1 - 1) // M  # the runs a query block touches
+    count = last - first + 1
+    idx = torch.repeat_interleave(torch.arange(len(qb)), count)
+    run = first[idx] + torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    S = run * M
+    a, b = torch.maximum(r0[idx], S + s), torch.minimum(r1[idx], S + M)  # rows of this run with a key
+    if w <= s:  # window 1 and strict: no key at all
+        a = b
+    lo, hi = torch.maximum(S, a - w + 1), b - s  # keys some row attends: [lo, hi)
+    whole = (a == r0[idx]) & (b == r1[idx])  # one run covers the block, every row with keys
+    all_lo = torch.where(whole, torch.maximum(S, b - w), hi)
+    all_hi = torch.where(whole, a - s + 1, lo)
+    return _overlaps(qb[idx], lo, hi, lo, hi, all_lo, torch.maximum(all_hi, all_lo), block)
+
+
+def _lists(qb: torch.Tensor, kb: torch.Tensor, nq: int, nk: int, full_width: bool):
+    """Entries (query block, key block), unique, as FlexAttention's (num [1, 1, nq], indices [1, 1, nq, w]):
+    w the most blocks of a row (its kernels read only the first num of each row), or every block
+    with ``full_width`` (the CPU's compiled FlexAttention asks for that)."""
+    order = torch.argsort(qb * (2**31) + kb)
+    qb, kb = qb[order], kb[order]
+    num = torch.bincount(qb, minlength=nq)
+    width = nk if full_width else max(1, int(num.max())) if len(qb) else 1
+    slot = torch.arange(len(qb)) - torch.repeat_interleave(torch.cumsum(num, 0) - num, num)
+    idx = torch.zeros(nq, width, dtype=torch.int32)
+    idx[qb, slot] = kb.to(torch.int32)
+    return num.to(torch.int32)[None, None], idx[None, None]
+
+
+def _block_mask(entries, n: int, block: int, mask_mod, device, n_kv: int | None = None):
+    """A BlockMask from (query block, key block, any, all) entries (several per pair are summed);
+    n queries, n_kv keys (default n)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    qb, kb, some, every = entries
+    n_kv = n if n_kv is None else n_kv
+    nb, nkb = -(-n // block), -(-n_kv // block)
+    key = qb * nkb + kb
+    uniq, inv = torch.unique(key, return_inverse=True)
+    some = torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, some)
+    every = torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, every)
+    qb, kb = uniq // nkb, uniq % nkb
+    width = torch.clamp(n_kv - kb * block, max=block)  # keys in the block
+    full = every == width
+    part = (some > 0) & ~full
+    wide = torch.device(device).type == "cpu"
+    kv = _lists(qb[part], kb[part], nb, nkb, wide) + _lists(qb[full], kb[full], nb, nkb, wide)
+    q = _lists(kb[part], qb[part], nkb, nb, wide) + _lists(kb[full], qb[full], nkb, nb, wide)
+    kv, q = [t.to(device) for t in kv], [t.to(device) for t in q]
+    return BlockMask(seq_lengths=(n, n_kv), kv_num_blocks=kv[0], kv_indices=kv[1], full_kv_num_blocks=kv[2],
+                     full_kv_indices=kv[3], q_num_blocks=q[0], q_indices=q[1], full_q_num_blocks=q[2],
+                     full_q_indices=q[3], BLOCK_SIZE=(block, block), mask_mod=mask_mod)
+
+
+def _tile_mask_mod(pattern: Pattern, n: int, t: Tiles, gathered, device):
+    """The tiles layout's predicate: the pattern minus its columns part and, when the gathered keys
+    have their own layout, minus the pairs that layout computes."""
+    allowed = pattern.mask_mod(n, device)
+    l, strict, window = t.columns or (0, False, 0)
+    if gathered is not None:
+        lo, hi = gathered[1].to(device), gathered[2].to(device)
+        where = torch.full((n,), -1, dtype=torch.long)
+        where[t.gather.long()] = torch.arange(t.gather.numel())  # position -> index in the gathered view
+        where = where.to(device)
+    T = t.tile
+
+    def mod(b, h, i, j):
+        ok = allowed(i, j) & (j <= i)
+        if l:
+            d = i - j
+            ok = ok & ~((d >= (l if strict else 0)) & (d % l == 0) & ((d // l < window) if window else True))
+        if gathered is not None:
+            g = where[j]
+            ok = ok & ~((g >= lo[i // T]) & (g < hi[i // T]))
+        return ok
+
+    return mod
+
+
+def _column_mask_mod(n: int, l: int, strict: bool, window: int):
+    M = n // l
+
+    def mod(b, h, i, j):
+        ok = (i // M == j // M) & (j <= i - int(strict))
+        return ok & (i - j < window) if window else ok
+
+    return mod
+
+
+def _gathered(t: Tiles, block: int):
+    """The gathered keys (view 1: the fixed pattern's summary columns) as a layout of their own, when
+    every tile reads at most one FULL interval of them: (entries, lo, hi per tile), else None."""
+    view, s, e, kind = (t.iv[:, c].long() for c in range(4))
+    g = view == 1
+    if not g.any():
+        return None
+    tile_of = torch.repeat_interleave(torch.arange(t.ntiles), (t.ptr[1:] - t.ptr[:-1]).long())[g]
+    if (kind[g] != FULL).any() or len(torch.unique(tile_of)) < len(tile_of):
+        return None
+    lo, hi = torch.zeros(t.ntiles, dtype=torch.long), torch.zeros(t.ntiles, dtype=torch.long)
+    lo[tile_of], hi[tile_of] = s[g], e[g]
+    return _overlaps(tile_of, s[g], e[g], s[g], e[g], s[g], e[g], block), lo, hi
+
+
+@dataclass(frozen=True, eq=False)
+class Layouts:
+    """A pattern's FlexAttention calls over n positions: each a BlockMask or None."""
+
+    tiles: object  # queries against the sequence
+    gathered: object  # queries against the gathered keys ``gather`` (padded to a whole block)
+    gather: torch.Tensor | None
+    columns: object  # the transposed [l, n / l] view, stride ``stride``
+    stride: int
+
+    @property
+    def merged(self) -> bool:
+        return sum(x is not None for x in (self.tiles, self.gathered, self.columns)) > 1
+
+
+@functools.lru_cache(maxsize=64)
+def block_masks(pattern: Pattern, n: int, block: int = BLOCK, device: str = "cpu",
+                separate_gather: bool | None = None) -> Layouts:
+    """The layouts of ``pattern`` over n positions (n a multiple of ``block``, and of the column stride
+    if any). ``separate_gather``: the gathered keys as their own call (default: off the CPU, whose
+    compiled FlexAttention cannot merge calls); else they are read in place, in partial blocks."""
+    t = describe(pattern, n, block)
+    sep = torch.device(device).type != "cpu" if separate_gather is None else separate_gather
+    gathered = _gathered(t, block) if sep else None
+    tiles = gath = cols = gpos = None
+    if t.iv.numel() and (gathered is None or bool((t.iv[:, 0] == 0).any())):
+        tiles = _block_mask(_tile_entries(t, block, gathered is not None), n, block,
+                            _tile_mask_mod(pattern, n, t, gathered, device), device)
+    if gathered is not None:
+        entries, lo, hi = gathered
+        ng = -(-t.gather.numel() // block) * block
+        lo_d, hi_d = lo.to(device), hi.to(device)
+        gath = _block_mask(entries, n, block, lambda b, h, i, j: (j >= lo_d[i // block]) & (j < hi_d[i // block]),
+                           device, n_kv=ng)
+        gpos = t.gather.long().to(device)
+    if t.columns:
+        l, strict, window = t.columns
+        cols = _block_mask(_column_entries(n, l, strict, window, block), n, block,
+                           _column_mask_mod(n, l, strict, window), device)
+    return Layouts(tiles, gath, gpos, cols, t.columns[0] if t.columns else 0)
+
+
+# ------------------------------------------------------------------ attention
+@functools.cache
+def compiled_flex():
+    """``flex_attention`` compiled once (eager FlexAttention is a slow reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _call(flex, q, k, v, bm, scale, lse: bool):
+    """(out, natural log-sum-exp or None): the log-sum-exp only when layouts are merged (the CPU's
+    compiled FlexAttention computes none)."""
+    if not lse:
+        return flex(q, k, v, block_mask=bm, scale=scale), None
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    out, aux = flex(q, k, v, block_mask=bm, scale=scale, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+def merges(pattern: Pattern, device: str = "cpu") -> bool:
+    """Whether the pattern's layouts on ``device`` are merged through log-sum-exps (strided: band and
+    columns; off the CPU, fixed: its block and its gathered summary columns)."""
+    return block_masks(pattern, 4 * padded_length(pattern, BLOCK), BLOCK, device).merged
+
+
+def padded_length(pattern: Pattern, n: int, block: int = BLOCK) -> int:
+    """n rounded up to a multiple of the block (and of the column stride, for a columns layout)."""
+    cols = describe(pattern, block, block).columns
+    step = math.lcm(block, cols[0]) if cols else block
+    return -(-n // step) * step
+
+
+def flex_attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float,
+                          *, block: int = BLOCK, flex=None, separate_gather: bool | None = None) -> torch.Tensor:
+    """``pattern`` on FlexAttention: q, k, v [B, H, N, D] (N already padded, see ``padded_length``);
+    one call per layout, merged through the log-sum-exps. ``flex`` stands in for ``flex_attention``
+    (signature and return values alike), for tests; default the compiled one."""
+    flex = flex or compiled_flex()
+    B, H, N, D = q.shape
+    lay = block_masks(pattern, N, block, str(q.device), separate_gather)
+    merge, parts = lay.merged, []
+    if lay.tiles is not None:
+        parts.append(_call(flex, q, k, v, lay.tiles, scale, merge))
+    if lay.gathered is not None:
+        pad = lay.gathered.seq_lengths[1] - lay.gather.numel()
+        kg, vg = (torch.nn.functional.pad(x[:, :, lay.gather], (0, 0, 0, pad)) for x in (k, v))
+        parts.append(_call(flex, q, kg, vg, lay.gathered, scale, merge))
+    if lay.columns is not None:
+        l, M = lay.stride, N // lay.stride
+        # [B, H, M, l, D] -> [B, H, l, M, D]: each column becomes a contiguous run (section 5.5)
+        qt, kt, vt = (x.view(B, H, M, l, D).transpose(2, 3).reshape(B, H, N, D) for x in (q, k, v))
+        o, lse = _call(flex, qt, kt, vt, lay.columns, scale, merge)
+        parts.append((o.view(B, H, l, M, D).transpose(2, 3).reshape(B, H, N, D),
+                      lse.view(B, H, l, M).transpose(2, 3).reshape(B, H, N) if merge else None))
+    if not merge:
+        return parts[0][0]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    lses = torch.stack([lse.to(acc) for _, lse in parts])  # (layouts, B, H, N)
+    lse = torch.logsumexp(lses, 0)
+    safe = torch.where(torch.isfinite(lse), lse, 0.0)  # no key in any layout: output 0
+    w = torch.exp(lses - safe)[..., None]
+    return sum(o.to(acc) * w[x] for x, (o, _) in enumerate(parts)).to(q.dtype)
+
+
+# ------------------------------------------------------------------ the backend
+_FAILED: list[str] = []
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this torch has FlexAttention."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def failed() -> bool:
+    """Whether FlexAttention failed once in this process on ``backend="auto"`` (which then stays off it)."""
+    return bool(_FAILED)
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list[Pattern], scale: float,
+        fallback: bool) -> torch.Tensor | None:
+    """``attention``'s flex path: q [B, H, L, D] (the last L positions), k, v [B, H, N, D]; each group of
+    heads that shares a pattern is one call per layout. With ``fallback``, a failure of FlexAttention
+    (compiling it for this GPU, say) is said once and gives None: the caller takes the decomposition."""
+    from .heads import by_head_groups
+
+    L, N = q.shape[2], k.shape[2]
+
+    def one(q, k, v, p: Pattern) -> torch.Tensor:
+        n_p = padded_length(p, N)
+        q = torch.nn.functional.pad(q, (0, 0, N - L, n_p - N))  # queries in front of the last L: zeros
+        k, v = (torch.nn.functional.pad(t, (0, 0, 0, n_p - N)) for t in (k, v))
+        return flex_attention_sparse(q, k, v, p, scale)[:, :, N - L : N]
+
+    try:
+        return by_head_groups(q, k, v, pats, one)
+    except Exception as e:  # noqa: BLE001 - whatever stops FlexAttention here, the decomposition is exact
+        if not fallback:
+            raise
+        _FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        import warnings
+
+        warnings.warn(f"sparse_transformer: FlexAttention failed on {q.device} ({_FAILED[0][:200]}); "
+                      "backend 'auto' runs the fused-SDPA decomposition from now on", RuntimeWarning, stacklevel=3)
+        return None
