@@ -118,8 +118,9 @@ def _lists(qb: torch.Tensor, kb: torch.Tensor, nq: int, nk: int, full_width: boo
     """Entries (query block, key block), unique, as FlexAttention's (num [1, 1, nq], indices [1, 1, nq, w]):
     w the most blocks of a row (its kernels read only the first num of each row), or every block
     with ``full_width`` (the CPU's compiled FlexAttention asks for that)."""
-    order = torch.argsort(qb * (2**31) + kb)
-    qb, kb = qb[order], kb[order]
+    if len(qb) > 1 and not bool((qb[1:] >= qb[:-1]).all()):  # entries come in (row, column) order or by column
+        order = torch.sort(qb, stable=True).indices
+        qb, kb = qb[order], kb[order]
     num = torch.bincount(qb, minlength=nq)
     width = nk if full_width else max(1, int(num.max())) if len(qb) else 1
     slot = torch.arange(len(qb)) - torch.repeat_interleave(torch.cumsum(num, 0) - num, num)
@@ -137,10 +138,11 @@ def _block_mask(entries, n: int, block: int, mask_mod, device, n_kv: int | None 
     n_kv = n if n_kv is None else n_kv
     nb, nkb = -(-n // block), -(-n_kv // block)
     key = qb * nkb + kb
-    uniq, inv = torch.unique(key, return_inverse=True)
-    some = torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, some)
-    every = torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, every)
-    qb, kb = uniq // nkb, uniq % nkb
+    if len(key) > 1 and not bool((key[1:] > key[:-1]).all()):  # a pair met twice, or out of order: sum them
+        uniq, inv = torch.unique(key, return_inverse=True)
+        some = torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, some)
+        every = torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, every)
+        qb, kb = uniq // nkb, uniq % nkb
     width = torch.clamp(n_kv - kb * block, max=block)  # keys in the block
     full = every == width
     part = (some > 0) & ~full
