@@ -860,8 +860,10 @@ int st_tiles_backward(int BH, int N, int ntiles, int maxw, int ng, const int *pt
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long i = 0; i < (long)BH * (N - q0); i++) {
         const float *a = o + i * HD, *b = dout + i * HD;
+        vf acc = splat(0.f);
+        for (int c = 0; c < HD; c += VL) acc += ld(a + c) * ld(b + c);
         float s = 0;
-        for (int c = 0; c < HD; c++) s += a[c] * b[c];
+        for (int t = 0; t < VL; t++) s += acc[t];
         delta[i] = s;
     }
     int failed = ntiles > 0 ? tiles_backward(&d, BH, nthreads, q, k, v, dout, lse, delta, dq, dk, dv) : 0;
