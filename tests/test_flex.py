@@ -166,3 +166,25 @@ def test_compiled_flex_forward_on_the_cpu_equals_reference():
         with torch.no_grad():
             got = compiled(q, k, v, block_mask=bm, scale=0.25)
         torch.testing.assert_close(got, _masked_reference(q, k, v, _dense(bm, n), 0.25), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
+def test_flex_on_cuda_matches_reference_with_gradients(dtype, tol):
+    """Every pattern on backend flex on CUDA (fused kernels, forward and backward), N not a multiple of
+    the block, queries as the last positions too."""
+    g = torch.Generator().manual_seed(0)
+    for p in _cases():
+        if p == every_pattern(8, 2)[0]:
+            continue  # Dense runs on one SDPA call, not on flex
+        q, k, v, do = (torch.randn(1, 2, 1000, 64, generator=g, dtype=torch.float64) for _ in range(4))
+        want = attention(*(t.requires_grad_() for t in (q, k, v)), p, backend="reference")
+        want_grads = torch.autograd.grad(want, (q, k, v), do)
+        qc, kc, vc = (t.detach().cuda().to(dtype).requires_grad_() for t in (q, k, v))
+        got = attention(qc, kc, vc, p, backend="flex")
+        grads = torch.autograd.grad(got, (qc, kc, vc), do.cuda().to(dtype))
+        for a, b in zip((got, *grads), (want, *want_grads)):
+            err = float((a.double().cpu() - b).norm() / b.norm().clamp(min=1e-12))
+            assert err <= tol, (p, dtype, err)
+        last = attention(qc[:, :, 700:], kc, vc, p, backend="flex")
+        assert float((last.double().cpu() - want[:, :, 700:]).abs().max()) <= 50 * tol, p

@@ -17,30 +17,43 @@ import torch
 from .. import patterns as P
 from ..attention import attention
 from ..attention import native
-from .common import machine_info, table
+from .common import machine_info, sync, table
 
 DEFAULT_BLOCKS = (128, 16)
 
 
-def _fwd_time(fn, repeat: int = 3) -> float:
+def _fwd_time(fn, repeat: int = 3, device: str = "cpu") -> float:
     fn()  # warm-up: compiles, builds the kernel
     times = []
     for _ in range(repeat):
+        sync(torch.device(device))
         t = time.perf_counter()
         fn()
+        sync(torch.device(device))
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
 
+def _fwd_bwd(fwd, inputs, do):
+    def step():
+        torch.autograd.grad(fwd(), inputs, do)
+    return step
+
+
 def measure(case: dict) -> dict:
-    """Our forward and description build, and FlexAttention's forward and block mask at each block."""
+    """Our forward and description build, and FlexAttention's forward and block mask at each block;
+    on CUDA forward+backward too (FlexAttention has no CPU backward)."""
     torch.set_num_threads(case["threads"])
     B, H, N, D, pattern = case["B"], case["H"], case["N"], case["D"], case["pattern"]
+    dev, dtype = case.get("device", "cpu"), getattr(torch, case.get("dtype", "float32"))
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    q, k, v, do = (torch.randn(B, H, N, D, generator=g).to(dev, dtype) for _ in range(4))
     out: dict = {}
+    if dev != "cpu":
+        inputs = [t.requires_grad_() for t in (q, k, v)]
+        out["ours_fwd_bwd_s"] = _fwd_time(_fwd_bwd(lambda: attention(q, k, v, pattern), inputs, do), device=dev)
     with torch.no_grad():
-        out["ours_fwd_s"] = _fwd_time(lambda: attention(q, k, v, pattern))
+        out["ours_fwd_s"] = _fwd_time(lambda: attention(q, k, v, pattern), device=dev)
         tile = native.query_tile(native.padded_dim(D)) if native.available(native.padded_dim(D)) else 32
         t = time.perf_counter()
         pattern.tiles(N, tile)
@@ -51,15 +64,20 @@ def measure(case: dict) -> dict:
             return {**out, "flex_error": f"FlexAttention is not in this torch: {e}"}
         flex = torch.compile(flex_attention, dynamic=False)
         ref = attention(q, k, v, pattern)
-        mask_mod = pattern.mask_mod(N)
+        mask_mod = pattern.mask_mod(N, dev)
         for bs in case["blocks"]:
             try:
                 t = time.perf_counter()
                 bm = create_block_mask(lambda b, h, qi, ki: mask_mod(qi, ki), None, None, N, N,
-                                       device="cpu", BLOCK_SIZE=bs)
+                                       device=dev, BLOCK_SIZE=bs)
+                sync(torch.device(dev))
                 out[f"flex{bs}_mask_s"] = time.perf_counter() - t
-                out[f"flex{bs}_fwd_s"] = _fwd_time(lambda: flex(q, k, v, block_mask=bm))
+                out[f"flex{bs}_fwd_s"] = _fwd_time(lambda: flex(q, k, v, block_mask=bm), device=dev)
                 out[f"flex{bs}_err"] = float((flex(q, k, v, block_mask=bm) - ref).abs().max())
+                if dev != "cpu":
+                    with torch.enable_grad():
+                        out[f"flex{bs}_fwd_bwd_s"] = _fwd_time(
+                            _fwd_bwd(lambda: flex(q, k, v, block_mask=bm), inputs, do), device=dev)
             except Exception as e:  # noqa: BLE001 - whatever stops FlexAttention is the finding
                 out[f"flex{bs}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return out
@@ -74,7 +92,7 @@ def _run_case(case: dict) -> dict:
 
 
 def run(ns: list[int], cases: str, *, B: int = 1, H: int = 4, D: int = 64,
-        blocks: tuple[int, ...] = DEFAULT_BLOCKS, progress=print) -> dict:
+        blocks: tuple[int, ...] = DEFAULT_BLOCKS, device: str = "cpu", dtype: str = "float32", progress=print) -> dict:
     """Every sparse case of ``cases`` (the specs of ``bench attention --cases``) at every N."""
     from .attention import parse_cases
 
@@ -86,17 +104,19 @@ def run(ns: list[int], cases: str, *, B: int = 1, H: int = 4, D: int = 64,
             if pattern is None:
                 continue  # dense: FlexAttention's causal mask is dense SDPA's job
             case = {"B": B, "H": H, "N": n, "D": D, "pattern": pattern, "blocks": list(blocks),
-                    "threads": torch.get_num_threads()}
+                    "threads": torch.get_num_threads(), "device": device, "dtype": dtype}
             row = {"N": n, "case": name, **_run_case(case)}
             for bs in blocks:
                 if f"flex{bs}_fwd_s" in row:
                     row[f"vs_flex{bs}"] = row[f"flex{bs}_fwd_s"] / row["ours_fwd_s"]
                     row[f"build_vs_flex{bs}"] = row[f"flex{bs}_mask_s"] / row["ours_build_s"]
+                if f"flex{bs}_fwd_bwd_s" in row:
+                    row[f"fb_vs_flex{bs}"] = row[f"flex{bs}_fwd_bwd_s"] / row["ours_fwd_bwd_s"]
             rows.append(row)
             progress(f"N={n} {name}: ours {row['ours_fwd_s']:.4g} s" + "".join(
                 f", flex@{bs} {row.get(f'flex{bs}_fwd_s', float('nan')):.4g} s" for bs in blocks))
-    return {"benchmark": "attention-vs-flex", "config": {"B": B, "H": H, "D": D, "dtype": "float32",
-            "blocks": list(blocks)}, "machine": machine_info(torch.device("cpu")), "results": rows}
+    return {"benchmark": "attention-vs-flex", "config": {"B": B, "H": H, "D": D, "dtype": dtype, "device": device,
+            "blocks": list(blocks)}, "machine": machine_info(torch.device(device)), "results": rows}
 
 
 def report(result: dict) -> str:
@@ -104,12 +124,18 @@ def report(result: dict) -> str:
     cols = [("N", "N"), ("case", "case"), ("ours_fwd_s", "ours fwd s")]
     for bs in blocks:
         cols += [(f"flex{bs}_fwd_s", f"flex@{bs} fwd s"), (f"vs_flex{bs}", f"x vs @{bs}")]
+    if any("ours_fwd_bwd_s" in r for r in result["results"]):
+        cols += [("ours_fwd_bwd_s", "ours fwd+bwd s")]
+        for bs in blocks:
+            cols += [(f"flex{bs}_fwd_bwd_s", f"flex@{bs} fwd+bwd s"), (f"fb_vs_flex{bs}", f"x vs @{bs}")]
     cols += [("ours_build_s", "our description s")]
     for bs in blocks:
         cols += [(f"flex{bs}_mask_s", f"block mask @{bs} s"), (f"build_vs_flex{bs}", f"x vs @{bs}")]
     c = result["config"]
-    head = (f"forward only (FlexAttention has no CPU backward): B={c['B']} H={c['H']} D={c['D']} float32 on "
-            f"{result['machine'].get('cpu', 'cpu')}; torch.compile'd flex_attention with create_block_mask")
+    where = result["machine"].get("gpu") or result["machine"].get("cpu", "cpu")
+    scope = "forward and forward+backward" if c.get("device", "cpu") != "cpu" else "forward only (no CPU backward)"
+    head = (f"{scope}: B={c['B']} H={c['H']} D={c['D']} {c.get('dtype', 'float32')} on {where}; "
+            "torch.compile'd flex_attention with create_block_mask and the pattern's element mask_mod")
     errors = sorted({f"  {r['case']} @{k[4:-6]}: {v}" for r in result["results"] for k, v in r.items()
                      if k.endswith("_error")})
     return head + "\n" + table(result["results"], cols) + ("\nFlexAttention failed:\n" + "\n".join(errors) if errors else "")
