@@ -71,9 +71,9 @@ def _tile_entries(t: Tiles, block: int, gathered: bool):
     ranges = _overlaps(tile_of[rng], s[rng], e[rng], torch.maximum(any_lo, s)[rng], torch.minimum(any_hi, e)[rng],
                        torch.maximum(all_lo, s)[rng], torch.minimum(all_hi, e)[rng], block)
     # key by key: gathered keys (view 1) and the MASK intervals' columns
-    singles = (kind == MASK) if gathered else ~rng | (kind == MASK)
+    singles = (kind == MASK) & (view == 0) if gathered else ~rng | (kind == MASK)
     parts = [ranges]
-    for x in torch.nonzero(singles & ((view == 0) | ~torch.tensor(gathered))).flatten().tolist():
+    for x in torch.nonzero(singles).flatten().tolist():
         keys = torch.arange(int(s[x]), int(e[x]))
         pos = keys if view[x] == 0 else t.gather[keys].long()
         rows = int(r1[x] - r0[x])
