@@ -1,8 +1,8 @@
 """KV caches for decoding that follow the pattern (not in the paper, which does not describe its sampling code).
 
 One cache serves one group of heads of one layer. ``write(t, k, v)`` stores
-position t, ``fill(k, v)`` positions 0..T-1 at once (prefill); ``read(t)`` returns exactly the keys and values that query t may
-attend (in any order: attention does not care). ``write_at`` and ``read_at`` do the same for a
+position t, ``fill(k, v)`` positions 0..T-1 at once (prefill); ``read(t)`` returns the keys and values that query t may
+attend (in any order: attention does not care), and None or a mask of the ones it attends. ``write_at`` and ``read_at`` do the same for a
 position given as a tensor, with static shapes: ``read_at`` returns the most keys any position
 reads, and a mask of the valid ones, so a compiled decoding step is captured once for all positions. A fixed pattern keeps only
 the summary columns of finished blocks plus the current block, about c/stride
@@ -34,9 +34,9 @@ class FullCache:
         self.k[:, :, :T] = k
         self.v[:, :, :T] = v
 
-    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor, None]:
         keys = self.pattern.row_keys(t).to(self.k.device)
-        return self.k.index_select(2, keys), self.v.index_select(2, keys)
+        return self.k.index_select(2, keys), self.v.index_select(2, keys), None
 
     def write_at(self, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k.index_copy_(2, t.view(1), k[:, :, None])
@@ -54,8 +54,8 @@ class FullCache:
 class DenseCache(FullCache):
     """Every position, and a step reads all of 0..t: the dense KV-cache baseline (``bench sample``)."""
 
-    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[:, :, : t + 1], self.v[:, :, : t + 1]
+    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return self.k[:, :, : t + 1], self.v[:, :, : t + 1], None
 
     def read_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.k, self.v, torch.arange(self.k.shape[2], device=t.device) <= t
@@ -63,79 +63,86 @@ class DenseCache(FullCache):
 
 class FixedCache:
     """Fixed(l, c) and its factors (decompositions of "blocks", "summaries" and "own_summary" parts):
-    the summaries of finished blocks + the current block.
+    the summaries of finished blocks + the current block, in one store per tensor.
 
-    Summaries [B, h, (n_ctx / l) * c, D] fill as blocks finish; the block store
-    [B, h, l, D] is reused by each new block.
+    Store [B, h, nb * c + l, D] (nb blocks of the context): slots [0, b c) hold the summaries of
+    the finished blocks 0..b-1, and the current block b lives at [b c, b c + l). When block b + 1
+    begins, block b's c summary columns move to [b c, b c + c) and the new block starts right
+    after them. So what position t = b l + off reads is the contiguous prefix [0, b c + off]: a view,
+    with no copy (FixedSummary, which reads only its own block's summary columns, masks the rest).
     """
 
     def __init__(self, pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
         parts = {name: args for name, *args in pattern.decomposition()}
         self.pattern, self.batch = pattern, B
         self.l, self.c, self.s0 = parts["summaries"] if "summaries" in parts else (parts["blocks"][0], 0, 0)
-        self.summaries = "summaries" in parts
         self.own_summary_only = "own_summary" in parts  # FixedSummary: of its own block, the summary columns
         nb = -(-n_ctx // self.l)
-        self.sk = like.new_zeros(B, h, nb * self.c, dk)
-        self.sv = like.new_zeros(B, h, nb * self.c, dv)
-        self.bk = like.new_zeros(B, h, self.l, dk)
-        self.bv = like.new_zeros(B, h, self.l, dv)
+        self.k = like.new_zeros(B, h, nb * self.c + self.l, dk)
+        self.v = like.new_zeros(B, h, nb * self.c + self.l, dv)
+
+    def _finish(self, b: int) -> None:
+        """Block b is done: its summary columns move to the slots of block b's summaries."""
+        if self.c and b >= 0:
+            src = slice(b * self.c + self.s0, b * self.c + self.s0 + self.c)
+            for store in (self.k, self.v):
+                store[:, :, b * self.c : (b + 1) * self.c] = store[:, :, src].clone()
 
     def write(self, t: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        off = t % self.l
-        self.bk[:, :, off] = k
-        self.bv[:, :, off] = v
-        if self.summaries and self.s0 <= off < self.s0 + self.c:
-            i = (t // self.l) * self.c + off - self.s0
-            self.sk[:, :, i] = k
-            self.sv[:, :, i] = v
+        b, off = divmod(t, self.l)
+        if off == 0:
+            self._finish(b - 1)
+        self.k[:, :, b * self.c + off] = k
+        self.v[:, :, b * self.c + off] = v
 
     def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Positions 0..T-1 at once (prefill): k, v (B, h, T, D); the same state as T writes."""
         T = k.shape[2]
-        if self.summaries:
-            t = torch.arange(T, device=k.device)
-            off = t % self.l
-            t = t[(off >= self.s0) & (off < self.s0 + self.c)]
-            dest = (t // self.l) * self.c + t % self.l - self.s0
-            self.sk[:, :, dest] = k[:, :, t]
-            self.sv[:, :, dest] = v[:, :, t]
-        start = (T - 1) // self.l * self.l  # the block of the last position
-        self.bk[:, :, : T - start] = k[:, :, start:]
-        self.bv[:, :, : T - start] = v[:, :, start:]
+        b = (T - 1) // self.l  # the block of the last position
+        if self.c and b:
+            t = torch.arange(b * self.l, device=k.device)
+            t = t[(t % self.l >= self.s0) & (t % self.l < self.s0 + self.c)]  # summary columns of blocks < b
+            self.k[:, :, : b * self.c] = k[:, :, t]
+            self.v[:, :, : b * self.c] = v[:, :, t]
+        self.k[:, :, b * self.c : b * self.c + T - b * self.l] = k[:, :, b * self.l :]
+        self.v[:, :, b * self.c : b * self.c + T - b * self.l] = v[:, :, b * self.l :]
 
-    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        off, done = t % self.l, (t // self.l) * self.c  # summaries of the finished blocks
+    def _own_mask(self, j: torch.Tensor, start, off) -> torch.Tensor:
+        """Which slots j of the store position t reads (block b at ``start``, t at ``off`` in it)."""
+        own = j - start
+        ok = (j < start) | ((own >= 0) & (own <= off))
         if self.own_summary_only:
-            own = slice(self.s0, min(off, self.s0 + self.c - 1) + 1) if off >= self.s0 else slice(0, 0)
-        else:
-            own = slice(0, off + 1)  # the current block up to t
-        k = torch.cat([self.sk[:, :, :done], self.bk[:, :, own]], dim=2)
-        v = torch.cat([self.sv[:, :, :done], self.bv[:, :, own]], dim=2)
-        return k, v
+            ok &= (own < 0) | ((own >= self.s0) & (own < self.s0 + self.c))
+        return ok
+
+    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys, values and None (every one is read), or a mask of the ones read (FixedSummary)."""
+        b, off = divmod(t, self.l)
+        end = b * self.c + off + 1
+        k, v = self.k[:, :, :end], self.v[:, :, :end]
+        if not self.own_summary_only:
+            return k, v, None
+        return k, v, self._own_mask(torch.arange(end, device=k.device), b * self.c, off)
 
     def write_at(self, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        off = (t % self.l).view(1)
-        self.bk.index_copy_(2, off, k[:, :, None])
-        self.bv.index_copy_(2, off, v[:, :, None])
-        if self.summaries:  # a summary column: also into the summaries (else rewrite what is there)
-            ok = (off >= self.s0) & (off < self.s0 + self.c)
-            i = (t // self.l) * self.c + (off - self.s0).clamp(0, self.c - 1)
-            for store, new in ((self.sk, k), (self.sv, v)):
-                store.index_copy_(2, i, torch.where(ok, new, store.index_select(2, i)[:, :, 0])[:, :, None])
+        b, off = t // self.l, t % self.l
+        if self.c:  # the first position of a block: the previous block's summaries move (else rewrite in place)
+            prev = (b - 1).clamp(min=0) * self.c
+            src, dst = prev + self.s0 + torch.arange(self.c, device=t.device), prev + torch.arange(self.c, device=t.device)
+            move = (off == 0) & (b > 0)
+            for store in (self.k, self.v):
+                store.index_copy_(2, dst, torch.where(move, store.index_select(2, src), store.index_select(2, dst)))
+        slot = (b * self.c + off).view(1)
+        self.k.index_copy_(2, slot, k[:, :, None])
+        self.v.index_copy_(2, slot, v[:, :, None])
 
     def read_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every summary slot and the whole block store, with the valid ones marked."""
-        off, done = t % self.l, (t // self.l) * self.c
-        valid_s = torch.arange(self.sk.shape[2], device=t.device) < done
-        j = torch.arange(self.l, device=t.device)
-        valid_b = (j <= off) & (j >= self.s0) & (j < self.s0 + self.c) if self.own_summary_only else j <= off
-        k = torch.cat([self.sk, self.bk], dim=2)
-        v = torch.cat([self.sv, self.bv], dim=2)
-        return k, v, torch.cat([valid_s, valid_b])
+        """The whole store (a view, static shapes), with the slots position t reads marked."""
+        j = torch.arange(self.k.shape[2], device=t.device)
+        return self.k, self.v, self._own_mask(j, (t // self.l) * self.c, t % self.l)
 
     def nbytes(self) -> int:
-        return self.sk.nbytes + self.sv.nbytes + self.bk.nbytes + self.bv.nbytes
+        return self.k.nbytes + self.v.nbytes
 
 
 def make_cache(pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):

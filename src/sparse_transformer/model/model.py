@@ -163,10 +163,11 @@ class Attention(nn.Module):
                 out[:, heads] = torch.where(valid.any(), o[:, :, 0], 0.0).to(out.dtype)  # no valid key: zero
                 continue
             group.write(t, k_new[:, heads], v_new[:, heads])
-            k, v = group.read(t)  # (B, h, K, D)
-            if k.shape[2] == 0:
+            k, v, mask = group.read(t)  # (B, h, K, D), None or (K,)
+            if k.shape[2] == 0 or (mask is not None and not mask.any()):
                 continue  # no allowed key: zero output, as in attention()
-            o = F.scaled_dot_product_attention(q[:, heads, None].float(), k.float(), v.float(), scale=scale)
+            o = F.scaled_dot_product_attention(q[:, heads, None].float(), k.float(), v.float(),
+                                               attn_mask=None if mask is None else mask[None, :], scale=scale)
             out[:, heads] = o[:, :, 0].to(out.dtype)  # (B, h, D)
         return self.proj(out.reshape(B, 1, C))
 
