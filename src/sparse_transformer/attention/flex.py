@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,16 +33,20 @@ BLOCK = 128  # FlexAttention's default block; the smallest it accepts on CUDA is
 
 
 # ------------------------------------------------------------------ block lists
+def _expand(first: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entry x stands for the values first[x] .. first[x] + count[x] - 1: (entry, value) of each."""
+    idx = torch.repeat_interleave(torch.arange(len(first)), count)
+    return idx, first[idx] + torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+
+
 def _overlaps(tile: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, any_lo: torch.Tensor, any_hi: torch.Tensor,
               all_lo: torch.Tensor, all_hi: torch.Tensor, block: int):
     """For key ranges [lo, hi) of tiles, one entry per key block they touch: (tile, key block, keys
     some query of the tile attends there (> 0 or not), keys every query attends there)."""
     keep = hi > lo
     tile, lo, hi, any_lo, any_hi, all_lo, all_hi = (t[keep] for t in (tile, lo, hi, any_lo, any_hi, all_lo, all_hi))
-    b0, b1 = lo // block, (hi - 1) // block + 1
-    count = b1 - b0
-    idx = torch.repeat_interleave(torch.arange(len(lo)), count)
-    kb = b0[idx] + torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    b0 = lo // block
+    idx, kb = _expand(b0, (hi - 1) // block + 1 - b0)
     k0, k1 = kb * block, kb * block + block
 
     def overlap(a, b):
@@ -100,9 +105,7 @@ def _column_entries(n: int, l: int, strict: bool, window: int, block: int):
     qb = torch.arange(-(-n // block))
     r0, r1 = qb * block, torch.clamp(qb * block + block, max=n)
     first, last = r0 // M, (r1 - 1) // M  # the runs a query block touches
-    count = last - first + 1
-    idx = torch.repeat_interleave(torch.arange(len(qb)), count)
-    run = first[idx] + torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    idx, run = _expand(first, last - first + 1)
     S = run * M
     a, b = torch.maximum(r0[idx], S + s), torch.minimum(r1[idx], S + M)  # rows of this run with a key
     if w <= s:  # window 1 and strict: no key at all
@@ -352,8 +355,6 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pats: list[Pattern], 
         if not fallback:
             raise
         _FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        import warnings
-
         warnings.warn(f"sparse_transformer: FlexAttention failed on {q.device} ({_FAILED[0][:200]}); "
                       "backend 'auto' runs the fused-SDPA decomposition from now on", RuntimeWarning, stacklevel=3)
         return None

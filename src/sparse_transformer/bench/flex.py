@@ -17,21 +17,14 @@ import torch
 from .. import patterns as P
 from ..attention import attention
 from ..attention import native
-from .common import machine_info, sync, table
+from .common import machine_info, sync, table, time_it
 
 DEFAULT_BLOCKS = (128, 16)
 
 
-def _fwd_time(fn, repeat: int = 3, device: str = "cpu") -> float:
-    fn()  # warm-up: compiles, builds the kernel
-    times = []
-    for _ in range(repeat):
-        sync(torch.device(device))
-        t = time.perf_counter()
-        fn()
-        sync(torch.device(device))
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+def _fwd_time(fn, device: str = "cpu") -> float:
+    """Median of 3 after one warm-up call (which compiles, builds the kernel)."""
+    return time_it(fn, torch.device(device), repeat=3, warmup=1)
 
 
 def _fwd_bwd(fwd, inputs, do):
