@@ -224,6 +224,9 @@ def test_fixed_cache_is_a_fraction_of_dense():
     ratio = cache_bytes("fixed") / cache_bytes("dense")
     assert ratio == pytest.approx((128 * 16 + 128) / 16384)  # summaries of 128 blocks + one block
     assert ratio <= 0.25
+    # a local cache keeps its window; a strided one every position once in its column, plus the window
+    assert cache_bytes("local") / cache_bytes("dense") == pytest.approx(128 / 16384)
+    assert cache_bytes("strided") / cache_bytes("dense") == pytest.approx((16384 + 128) / 16384)
 
 
 @pytest.mark.parametrize("pattern,combine,extra", [

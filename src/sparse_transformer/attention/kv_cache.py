@@ -145,10 +145,89 @@ class FixedCache:
         return self.k.nbytes + self.v.nbytes
 
 
+class BandColumnsCache:
+    """Local(w), Strided(l) and StridedColumns(l) (decompositions of "band" and "columns" parts, section
+    5.5): the last w positions in a ring [B, h, w, D] (slot p % w), and every position in its column,
+    [B, h, l, M, D] (position m l + c at [c, m]), so that a step's column keys are one contiguous slice
+    instead of keys l apart in the whole context. A Local cache keeps only its ring."""
+
+    def __init__(self, pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
+        parts = {name: args for name, *args in pattern.decomposition()}
+        self.pattern, self.batch = pattern, B
+        self.w = parts["band"][0] if "band" in parts else 0
+        self.l, self.strict = parts["columns"] if "columns" in parts else (0, False)
+        self.rk, self.rv = (like.new_zeros(B, h, self.w, d) for d in (dk, dv))  # the ring
+        M = -(-n_ctx // self.l) if self.l else 0
+        self.ck, self.cv = (like.new_zeros(B, h, self.l, M, d) for d in (dk, dv))  # the columns
+
+    def write(self, t: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.w:
+            self.rk[:, :, t % self.w], self.rv[:, :, t % self.w] = k, v
+        if self.l:
+            self.ck[:, :, t % self.l, t // self.l], self.cv[:, :, t % self.l, t // self.l] = k, v
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Positions 0..T-1 at once (prefill): k, v (B, h, T, D); the same state as T writes."""
+        B, h, T, _ = k.shape
+        if self.w:
+            last = torch.arange(max(0, T - self.w), T, device=k.device)
+            self.rk.index_copy_(2, last % self.w, k[:, :, last])
+            self.rv.index_copy_(2, last % self.w, v[:, :, last])
+        if self.l:
+            M = -(-T // self.l)
+            for store, x in ((self.ck, k), (self.cv, v)):
+                x = torch.nn.functional.pad(x, (0, 0, 0, M * self.l - T))  # (B, h, M l, D) -> [c, m]
+                store[:, :, :, :M] = x.view(B, h, M, self.l, -1).transpose(2, 3)
+
+    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        ks, vs = [], []
+        if self.w:  # slots 0..t before the ring is full
+            ks.append(self.rk[:, :, : t + 1])
+            vs.append(self.rv[:, :, : t + 1])
+        if self.l:  # column t % l, rows before t // l (and t's own unless strict)
+            m = t // self.l + (0 if self.strict else 1)
+            ks.append(self.ck[:, :, t % self.l, :m])
+            vs.append(self.cv[:, :, t % self.l, :m])
+        return (ks[0], vs[0], None) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2), None)
+
+    def write_at(self, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.w:
+            self.rk.index_copy_(2, (t % self.w).view(1), k[:, :, None])
+            self.rv.index_copy_(2, (t % self.w).view(1), v[:, :, None])
+        if self.l:
+            slot = ((t % self.l) * self.ck.shape[3] + t // self.l).view(1)  # [c, m] in the flattened store
+            self.ck.view(*self.ck.shape[:2], -1, self.ck.shape[-1]).index_copy_(2, slot, k[:, :, None])
+            self.cv.view(*self.cv.shape[:2], -1, self.cv.shape[-1]).index_copy_(2, slot, v[:, :, None])
+
+    def read_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ring and column t % l, with the slots position t reads marked: static shapes."""
+        ks, vs, valid = [], [], []
+        if self.w:
+            ks.append(self.rk)
+            vs.append(self.rv)
+            valid.append(torch.arange(self.w, device=t.device) <= t)
+        if self.l:
+            c = (t % self.l).view(1)
+            ks.append(self.ck.index_select(2, c)[:, :, 0])
+            vs.append(self.cv.index_select(2, c)[:, :, 0])
+            m = torch.arange(self.ck.shape[3], device=t.device)
+            valid.append(m < t // self.l if self.strict else m <= t // self.l)
+        return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(valid)
+
+    def nbytes(self) -> int:
+        return self.rk.nbytes + self.rv.nbytes + self.ck.nbytes + self.cv.nbytes
+
+
 def make_cache(pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
     """The cache for heads that use ``pattern``."""
-    parts = {name for name, *_ in pattern.decomposition() or []}
-    kind = FixedCache if parts and parts <= {"blocks", "summaries", "own_summary"} else FullCache
+    parts = {name: args for name, *args in pattern.decomposition() or []}
+    if parts and set(parts) <= {"blocks", "summaries", "own_summary"}:
+        kind = FixedCache
+    elif parts and set(parts) <= {"band", "columns"} and len(parts.get("columns", (0, 0))) == 2 and not (
+            "band" in parts and "columns" in parts and not parts["columns"][1]):  # the parts must not overlap
+        kind = BandColumnsCache
+    else:
+        kind = FullCache
     return kind(pattern, B, h, n_ctx, dk, dv, like)
 
 
