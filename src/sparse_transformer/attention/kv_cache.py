@@ -6,7 +6,8 @@ attend (in any order: attention does not care), and None or a mask of the ones i
 position given as a tensor, with static shapes: ``read_at`` returns the most keys any position
 reads, and a mask of the valid ones, so a compiled decoding step is captured once for all positions. A fixed pattern keeps only
 the summary columns of finished blocks plus the current block, about c/stride
-of a dense cache plus one block; the others keep every position and read only
+of a dense cache plus one block; local and strided patterns keep their window in a ring and
+(strided) every position in its column; the others keep every position and read only
 the allowed ones.
 """
 from __future__ import annotations
