@@ -35,24 +35,21 @@ BLOCK = 128  # FlexAttention's default block; the smallest it accepts on CUDA is
 # ------------------------------------------------------------------ block lists
 def _expand(first: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entry x stands for the values first[x] .. first[x] + count[x] - 1: (entry, value) of each."""
-    idx = torch.repeat_interleave(torch.arange(len(first)), count)
-    return idx, first[idx] + torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    idx = torch.repeat_interleave(count)
+    return idx, first.index_select(0, idx) + torch.arange(len(idx)) - (torch.cumsum(count, 0) - count).index_select(0, idx)
 
 
 def _overlaps(tile: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, any_lo: torch.Tensor, any_hi: torch.Tensor,
               all_lo: torch.Tensor, all_hi: torch.Tensor, block: int):
-    """For key ranges [lo, hi) of tiles, one entry per key block they touch: (tile, key block, keys
-    some query of the tile attends there (> 0 or not), keys every query attends there)."""
-    keep = hi > lo
-    tile, lo, hi, any_lo, any_hi, all_lo, all_hi = (t[keep] for t in (tile, lo, hi, any_lo, any_hi, all_lo, all_hi))
+    """For key ranges [lo, hi) of tiles (empty ones skipped), one entry per key block they touch:
+    (tile, key block, keys some query of the tile attends there (> 0 or not), keys every query attends
+    there)."""
     b0 = lo // block
-    idx, kb = _expand(b0, (hi - 1) // block + 1 - b0)
+    idx, kb = _expand(b0, torch.where(hi > lo, (hi - 1) // block + 1 - b0, 0))
     k0, k1 = kb * block, kb * block + block
-
-    def overlap(a, b):
-        return (torch.minimum(b[idx], k1) - torch.maximum(a[idx], k0)).clamp(min=0)
-
-    return tile[idx], kb, overlap(any_lo, any_hi), overlap(all_lo, all_hi)
+    tile, any_lo, any_hi, all_lo, all_hi = torch.stack([tile, any_lo, any_hi, all_lo, all_hi]).index_select(1, idx)
+    return (tile, kb, (torch.minimum(any_hi, k1) - torch.maximum(any_lo, k0)).clamp(min=0),
+            (torch.minimum(all_hi, k1) - torch.maximum(all_lo, k0)).clamp(min=0))
 
 
 def _tile_entries(t: Tiles, block: int, gathered: bool):
@@ -73,8 +70,8 @@ def _tile_entries(t: Tiles, block: int, gathered: bool):
     all_lo = torch.where(band, r1 - win, torch.where(kind == FULL, s, e))
     all_hi = torch.where(band, r0 + 1, torch.where(kind == FULL, e, s))
     rng = (view == 0) & (kind != MASK)
-    ranges = _overlaps(tile_of[rng], s[rng], e[rng], torch.maximum(any_lo, s)[rng], torch.minimum(any_hi, e)[rng],
-                       torch.maximum(all_lo, s)[rng], torch.minimum(all_hi, e)[rng], block)
+    ranges = _overlaps(tile_of, s, torch.where(rng, e, s), torch.maximum(any_lo, s), torch.minimum(any_hi, e),
+                       torch.maximum(all_lo, s), torch.minimum(all_hi, e), block)  # the others: empty ranges
     # key by key: gathered keys (view 1) and the MASK intervals' columns
     singles = (kind == MASK) & (view == 0) if gathered else ~rng | (kind == MASK)
     parts = [ranges]
@@ -150,8 +147,10 @@ def _block_mask(entries, n: int, block: int, mask_mod, device, n_kv: int | None 
     full = every == width
     part = (some > 0) & ~full
     wide = torch.device(device).type == "cpu"
-    kv = _lists(qb[part], kb[part], nb, nkb, wide) + _lists(qb[full], kb[full], nb, nkb, wide)
-    q = _lists(kb[part], qb[part], nkb, nb, wide) + _lists(kb[full], qb[full], nkb, nb, wide)
+    qk = torch.stack([qb, kb])
+    (qp, kp), (qf, kf) = (qk.index_select(1, torch.nonzero(m).flatten()) for m in (part, full))
+    kv = _lists(qp, kp, nb, nkb, wide) + _lists(qf, kf, nb, nkb, wide)
+    q = _lists(kp, qp, nkb, nb, wide) + _lists(kf, qf, nkb, nb, wide)
     kv, q = [t.to(device) for t in kv], [t.to(device) for t in q]
     return BlockMask(seq_lengths=(n, n_kv), kv_num_blocks=kv[0], kv_indices=kv[1], full_kv_num_blocks=kv[2],
                      full_kv_indices=kv[3], q_num_blocks=q[0], q_indices=q[1], full_q_num_blocks=q[2],
