@@ -229,6 +229,26 @@ def test_fixed_cache_is_a_fraction_of_dense():
     assert cache_bytes("strided") / cache_bytes("dense") == pytest.approx((16384 + 128) / 16384)
 
 
+def test_prefix_caches_read_only_what_the_position_sees():
+    """With ``length`` = t + 1 the fixed cache's static read is the prefix of summaries and the current
+    block up to t, and the dense pattern's cache reads positions 0..t: not the whole store."""
+    from sparse_transformer.attention.kv_cache import DenseCache, FixedCache
+
+    def first_cache(pattern):
+        m = SparseTransformer(ModelConfig(n_ctx=4096, d_model=64, n_layer=1, n_head=4, pattern=pattern, stride=128, c=16))
+        (_, cache), = m.new_cache(1)[0]
+        return cache
+
+    fixed, dense = first_cache("fixed"), first_cache("dense")
+    assert isinstance(fixed, FixedCache) and isinstance(dense, DenseCache)
+    for t in (1, 127, 128, 1000, 4095):
+        k, v, valid = fixed.read_at(torch.tensor(t), t + 1)  # valid None: every key read
+        assert k.shape[2] == v.shape[2] == (t // 128) * 16 + t % 128 + 1 and valid is None
+        k, _, valid = dense.read_at(torch.tensor(t), t + 1)
+        assert k.shape[2] == t + 1 and valid is None
+    assert fixed.read_at(torch.tensor(1000))[0].shape[2] == 32 * 16 + 128  # without length: the whole store
+
+
 @pytest.mark.parametrize("pattern,combine,extra", [
     ("strided", "merged", {}), ("fixed", "interleaved", {}), ("fixed", "multihead", {"distinct_heads": True}),
     ("local", "merged", {"rotary": True}), ("dense", "merged", {"qk_ratio": 0.5}), ("fixed:8:2:true", "multihead", {}),

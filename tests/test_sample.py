@@ -142,13 +142,18 @@ def test_static_decoding_step_equals_the_full_forward(pattern, rotary):
     model(x[:, :9], cache=cache)
     for t in range(9, 64):
         assert torch.allclose(model.decode(x[:, t - 1], torch.tensor(t), cache), full[:, t], atol=1e-4), t
+    cache = model.new_cache(2)  # with length = t + 1: the fixed and dense caches read a prefix
+    model(x[:, :9], cache=cache)
+    for t in range(9, 64):
+        assert torch.allclose(model.decode(x[:, t - 1], torch.tensor(t), cache, t + 1), full[:, t], atol=1e-4), t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+@pytest.mark.parametrize("pattern", ["strided", "fixed", "dense"])
 def test_compiled_step_is_captured_once_and_equals_eager(pattern):
-    """generate(compile=True): one graph for every position (no recompilation, no graph break), and the
-    same samples as eager."""
+    """generate(compile=True): one graph for every position (no recompilation, no graph break, though
+    the fixed and dense caches read a prefix that grows with the position), and the same samples as
+    eager."""
     import torch._dynamo.utils as du
 
     model = _random_model(pattern, n_ctx=96)

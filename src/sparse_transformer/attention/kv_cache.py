@@ -4,7 +4,10 @@ One cache serves one group of heads of one layer. ``write(t, k, v)`` stores
 position t, ``fill(k, v)`` positions 0..T-1 at once (prefill); ``read(t)`` returns the keys and values that query t may
 attend (in any order: attention does not care), and None or a mask of the ones it attends. ``write_at`` and ``read_at`` do the same for a
 position given as a tensor, with static shapes: ``read_at`` returns the most keys any position
-reads, and a mask of the valid ones, so a compiled decoding step is captured once for all positions. A fixed pattern keeps only
+reads, and a mask of the valid ones, so a compiled decoding step is captured once for all positions.
+Caches whose reads are a prefix of their store (fixed, dense) also take ``length`` = t + 1 as a Python
+int: they then read only the prefix that holds positions below it, a size that a step compiled with
+dynamic shapes keeps symbolic (still one graph). A fixed pattern keeps only
 the summary columns of finished blocks plus the current block, about c/stride
 of a dense cache plus one block; local and strided patterns keep their window in a ring and
 (strided) every position in its column; the others keep every position and read only
@@ -43,8 +46,9 @@ class FullCache:
         self.k.index_copy_(2, t.view(1), k[:, :, None])
         self.v.index_copy_(2, t.view(1), v[:, :, None])
 
-    def read_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys and values of ``pattern.step_keys(t)``, and which of them are valid: static shapes."""
+    def read_at(self, t: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values of ``pattern.step_keys(t)``, and which of them are valid: static shapes
+        (``length`` is not used)."""
         idx, valid = self.pattern.step_keys(t, self.k.shape[2])
         return self.k.index_select(2, idx), self.v.index_select(2, idx), valid
 
@@ -53,12 +57,16 @@ class FullCache:
 
 
 class DenseCache(FullCache):
-    """Every position, and a step reads all of 0..t: the dense KV-cache baseline (``bench sample``)."""
+    """Every position, and a step reads all of 0..t: the dense pattern's cache, and the dense KV-cache
+    baseline of ``bench sample``."""
 
     def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor, None]:
         return self.k[:, :, : t + 1], self.v[:, :, : t + 1], None
 
-    def read_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def read_at(self, t: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The store with positions up to t marked, or its first ``length`` positions and None (all read)."""
+        if length is not None:  # positions 0..t, every one read
+            return self.k[:, :, :length], self.v[:, :, :length], None
         return self.k, self.v, torch.arange(self.k.shape[2], device=t.device) <= t
 
 
@@ -137,10 +145,16 @@ class FixedCache:
         self.k.index_copy_(2, slot, k[:, :, None])
         self.v.index_copy_(2, slot, v[:, :, None])
 
-    def read_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The whole store (a view, static shapes), with the slots position t reads marked."""
-        j = torch.arange(self.k.shape[2], device=t.device)
-        return self.k, self.v, self._own_mask(j, (t // self.l) * self.c, t % self.l)
+    def read_at(self, t: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The whole store (a view, static shapes), or with ``length`` = t + 1 the prefix [0, b c + off]
+        that t reads, with the slots position t reads marked (None: all of them)."""
+        size = self.k.shape[2]
+        if length is not None:  # a symbolic size in a compiled step
+            size = ((length - 1) // self.l) * self.c + (length - 1) % self.l + 1
+            if not self.own_summary_only:  # every slot of the prefix is read
+                return self.k[:, :, :size], self.v[:, :, :size], None
+        j = torch.arange(size, device=t.device)
+        return self.k[:, :, :size], self.v[:, :, :size], self._own_mask(j, (t // self.l) * self.c, t % self.l)
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -200,8 +214,9 @@ class BandColumnsCache:
             self.ck.view(*self.ck.shape[:2], -1, self.ck.shape[-1]).index_copy_(2, slot, k[:, :, None])
             self.cv.view(*self.cv.shape[:2], -1, self.cv.shape[-1]).index_copy_(2, slot, v[:, :, None])
 
-    def read_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ring and column t % l, with the slots position t reads marked: static shapes."""
+    def read_at(self, t: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ring and column t % l, with the slots position t reads marked: static shapes (``length``
+        is not used)."""
         ks, vs, valid = [], [], []
         if self.w:
             ks.append(self.rk)
@@ -222,7 +237,9 @@ class BandColumnsCache:
 def make_cache(pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
     """The cache for heads that use ``pattern``."""
     parts = {name: args for name, *args in pattern.decomposition() or []}
-    if parts and set(parts) <= {"blocks", "summaries", "own_summary"}:
+    if set(parts) == {"whole"}:
+        kind = DenseCache
+    elif parts and set(parts) <= {"blocks", "summaries", "own_summary"}:
         kind = FixedCache
     elif parts and set(parts) <= {"band", "columns"} and len(parts.get("columns", (0, 0))) == 2 and not (
             "band" in parts and "columns" in parts and not parts["columns"][1]):  # the parts must not overlap
@@ -263,3 +280,9 @@ class ModelCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def tensors(self):
+        """Every store of every cache (``generate`` marks them static for the compiled step)."""
+        for layer in self.layers:
+            for _, cache in layer:
+                yield from (x for x in vars(cache).values() if torch.is_tensor(x))

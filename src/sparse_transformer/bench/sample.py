@@ -24,7 +24,7 @@ import torch
 
 from ..model import ModelConfig, SparseTransformer
 from ..attention.kv_cache import ModelCache
-from ..model.generate import _compiled, generate
+from ..model.generate import compiled_step, generate
 from ..sysutil import tune_malloc
 from .common import machine_info, table
 
@@ -92,7 +92,8 @@ def _step_ms(model: SparseTransformer, cache: ModelCache, t: int, repeat: int, c
     ``compiled``: of ``generate``'s compiled step (its compile time left out)."""
     B = cache.batch
     prev = torch.zeros(B, dtype=torch.long)
-    step = (lambda: _compiled(model)(prev, torch.tensor(t), cache)) if compiled else (lambda: model.step(prev, t, cache))
+    decode = compiled_step(model, cache) if compiled else None
+    step = (lambda: decode(prev, t)) if compiled else (lambda: model.step(prev, t, cache))
     step()
     times = []
     for _ in range(repeat):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention.kv_cache import ModelCache
 from .model import SparseTransformer
 
 
@@ -63,10 +64,10 @@ def generate(
     cache = model.new_cache(n)
     if P:  # prefill: one sparse forward over positions 0..P-1 fills the caches
         model(x[:, :P], cache=cache)
-    decode = _compiled(model) if compile else None
+    decode = compiled_step(model, cache) if compile else None
     for t in range(P, x.shape[1]):
         if decode is not None and t > 0:
-            logits = decode(x[:, t - 1], torch.tensor(t, device=x.device), cache)
+            logits = decode(x[:, t - 1], t)
         else:
             logits = model.step(None if t == 0 else x[:, t - 1], t, cache)
         if t >= P:
@@ -77,11 +78,24 @@ def generate(
     return x
 
 
-def _compiled(model: SparseTransformer):
-    """``model.decode`` compiled once per model (kept on the model, so later calls reuse it)."""
+def compiled_step(model: SparseTransformer, cache: ModelCache):
+    """``step`` for positions t >= 1 through ``model.decode`` compiled once per model (kept on the
+    model, so later calls reuse it): ``decode(prev, t)`` -> logits.
+
+    The step is compiled with dynamic shapes and the cache's stores marked static, so that the one
+    size that varies, the prefix a fixed or dense cache reads (``length`` = t + 1), stays symbolic:
+    one graph serves every position, and position 1,024 reads no more than it needs.
+    """
     if getattr(model, "_compiled_decode", None) is None:
-        model._compiled_decode = torch.compile(model.decode, fullgraph=True, dynamic=False)
-    return model._compiled_decode
+        model._compiled_decode = torch.compile(model.decode, fullgraph=True, dynamic=True)
+    for x in cache.tensors():
+        torch._dynamo.mark_static(x)
+    device = next(model.parameters()).device
+
+    def decode(prev: torch.Tensor, t: int) -> torch.Tensor:
+        torch._dynamo.mark_static(prev)  # the batch too: only the prefix length is symbolic
+        return model._compiled_decode(prev, torch.tensor(t, device=device), cache, t + 1)
+    return decode
 
 
 @torch.no_grad()

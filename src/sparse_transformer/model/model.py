@@ -103,7 +103,7 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
-                input_pos: int | torch.Tensor | None = None) -> torch.Tensor:
+                input_pos: int | torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
         """One forward for training, prefill and decoding: x (B, T, C) -> (B, T, C).
 
         - no ``cache``: positions 0..T-1 (training);
@@ -111,10 +111,12 @@ class Attention(nn.Module):
           are also stored in the cache (prefill), so decoding continues at position T;
         - ``cache`` and ``input_pos`` t (T = 1): decode position t, reading only the keys the pattern
           allows from the cache after writing t's. With t a 0-d tensor every shape is static (the
-          cache's ``read_at``: the most keys any position reads, masked), for a compiled step.
+          cache's ``read_at``: the most keys any position reads, masked), for a compiled step;
+          ``length`` (t + 1, a Python int) lets prefix caches read only what t can see, a size
+          that a step compiled with dynamic shapes keeps symbolic.
         """
         if input_pos is not None:
-            return self._decode(x, input_pos, cache)
+            return self._decode(x, input_pos, cache, length)
         B, T, C = x.shape
         q, k, v = self.heads(x)
         if cache is not None:
@@ -141,7 +143,7 @@ class Attention(nn.Module):
             for heads, p in head_groups(self.pattern, H)
         ])
 
-    def _decode(self, x: torch.Tensor, t: int | torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor, t: int | torch.Tensor, cache: LayerCache, length: int | None) -> torch.Tensor:
         """Position t: x (B, 1, C) -> (B, 1, C). q.k is computed in float32 (section 5.6: it overflows
         float16)."""
         B, _, C = x.shape
@@ -157,10 +159,12 @@ class Attention(nn.Module):
             heads = heads.to(x.device)
             if static:
                 group.write_at(t, k_new[:, heads], v_new[:, heads])
-                k, v, valid = group.read_at(t)  # (B, h, K, D), (K,)
+                k, v, valid = group.read_at(t, length)  # (B, h, K, D), (K,) or None: all valid
                 o = F.scaled_dot_product_attention(q[:, heads, None].float(), k.float(), v.float(),
-                                                   attn_mask=valid[None, :], scale=scale)
-                out[:, heads] = torch.where(valid.any(), o[:, :, 0], 0.0).to(out.dtype)  # no valid key: zero
+                                                   attn_mask=None if valid is None else valid[None, :], scale=scale)
+                if valid is not None:
+                    o = torch.where(valid.any(), o, 0.0)  # no valid key: zero
+                out[:, heads] = o[:, :, 0].to(out.dtype)
                 continue
             group.write(t, k_new[:, heads], v_new[:, heads])
             k, v, mask = group.read(t)  # (B, h, K, D), None or (K,)
@@ -210,9 +214,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, h: torch.Tensor, cache: LayerCache | None = None,
-                input_pos: int | torch.Tensor | None = None) -> torch.Tensor:
-        """h (B, T, C); ``cache`` and ``input_pos`` as in ``Attention.forward`` (training, prefill, decoding)."""
-        a = self.drop(self.attn(self.ln1(h), cache, input_pos))
+                input_pos: int | torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
+        """h (B, T, C); ``cache``, ``input_pos`` and ``length`` as in ``Attention.forward`` (training,
+        prefill, decoding)."""
+        a = self.drop(self.attn(self.ln1(h), cache, input_pos, length))
         b = self.drop(self.ff(self.ln2(h + a)))
         return h + a + b
 
@@ -321,17 +326,19 @@ class SparseTransformer(nn.Module):
         return self._decode(h, t, cache)
 
     @torch.no_grad()
-    def decode(self, prev: torch.Tensor, t: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+    def decode(self, prev: torch.Tensor, t: torch.Tensor, cache: ModelCache, length: int | None = None) -> torch.Tensor:
         """``step`` for a position t >= 1 given as a 0-d int64 tensor: every shape is static, so
         ``torch.compile(model.decode, fullgraph=True)`` captures one graph for every position
-        (``generate(..., compile=True)``). The caller checks 1 <= t < n_ctx."""
-        return self._decode(self.tok(prev), t, cache)
+        (``generate(..., compile=True)``). With ``length`` = t + 1 (a Python int), the fixed and
+        dense caches read only the prefix that t can see; compiled with dynamic shapes that is one
+        symbolic size, still one graph. The caller checks 1 <= t < n_ctx."""
+        return self._decode(self.tok(prev), t, cache, length)
 
-    def _decode(self, h: torch.Tensor, t: int | torch.Tensor, cache: ModelCache) -> torch.Tensor:
+    def _decode(self, h: torch.Tensor, t: int | torch.Tensor, cache: ModelCache, length: int | None = None) -> torch.Tensor:
         """The input embedding h (B, C) of position t -> logits (B, vocab), through the blocks' forward."""
         h = (h + self.pos.at(t))[:, None]  # (B, 1, C)
         for blk, c in zip(self.blocks, cache):
-            h = blk(h, c, t)
+            h = blk(h, c, t, length)
         return self.head(self.ln_f(h))[:, 0]
 
     def num_params(self) -> int:
