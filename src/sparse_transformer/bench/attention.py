@@ -8,11 +8,14 @@ Each is timed forward and forward+backward, and its peak memory measured in
 a fresh process (CPU: resident memory above the inputs; CUDA: allocated
 memory above the inputs). FLOP rates count only the pattern's allowed pairs
 (4 * D flops per pair forward; the backward counted as 2.5 forwards) and are
-compared with a matrix product timed in the same run.
+compared with a 2048^3 matrix product (8192^3 on CUDA) timed in turns with each
+case's forward+backward, in its process: on a shared host whose speed drifts
+by tens of percent from minute to minute, both then see the same moments.
 """
 from __future__ import annotations
 
 import math
+import time
 import multiprocessing as mp
 
 import torch
@@ -22,7 +25,7 @@ from .. import patterns as P
 from ..attention import attention
 from ..attention.api import explain_path
 from ..sysutil import current_rss_bytes, peak_rss_bytes, reset_peak_rss, tune_malloc
-from .common import machine_info, matmul_rate, sync, table, time_it
+from .common import machine_info, matmul_product, matmul_rate, sync, table, time_interleaved, time_it
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,16 +59,20 @@ def parse_cases(spec: str, n: int) -> list[tuple[str, P.Pattern | None]]:
     return cases
 
 
-def _timed(fn, device) -> float:
-    """Median after a warmup run: of 5 runs when one takes < 2 s, of 3 when < 10 s, else 1."""
+def _repeats(fn, device) -> int:
+    """Runs fn once (the warm-up) and says how many timed runs it deserves: 5 when one takes < 2 s,
+    3 when < 10 s, else 1."""
     sync(device)
-    import time
-
     t = time.perf_counter()
     fn()
     sync(device)
     first = time.perf_counter() - t
-    return time_it(fn, device, repeat=5 if first < 2 else 3 if first < 10 else 1, warmup=0)
+    return 5 if first < 2 else 3 if first < 10 else 1
+
+
+def _timed(fn, device) -> float:
+    """Median after a warmup run (``_repeats``)."""
+    return time_it(fn, device, repeat=_repeats(fn, device), warmup=0)
 
 
 def measure(case: dict) -> dict:
@@ -108,11 +115,14 @@ def measure(case: dict) -> dict:
     with torch.no_grad():
         t_fwd = _timed(fwd, device)
     peak_fwd = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - base
-    t_fb = _timed(fwd_bwd, device)
+    repeat = _repeats(fwd_bwd, device)
     peak_fb = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - base
+    # fwd+bwd in turns with the reference matrix product: "of matmul" compares the same moments
+    product, product_flops = matmul_product(device, dtype)
+    t_fb, t_mm = time_interleaved(fwd_bwd, product, device, repeat)
     path = "sdpa(is_causal=True)" if pattern is None else explain_path(q, pattern)
     return {"fwd_s": t_fwd, "fwd_bwd_s": t_fb, "peak_fwd_mb": peak_fwd / 2**20, "peak_fwd_bwd_mb": peak_fb / 2**20,
-            "path": path}
+            "path": path, "matmul_rate": product_flops / t_mm}
 
 
 def _run_case(case: dict) -> dict:
@@ -166,7 +176,7 @@ def run(
             flops = 4 * B * H * pairs * D
             row["fwd_tflops"] = flops / row["fwd_s"] / 1e12
             row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_s"] / 1e12
-            row["fraction_of_matmul"] = 3.5 * flops / row["fwd_bwd_s"] / rate
+            row["fraction_of_matmul"] = 3.5 * flops / row["fwd_bwd_s"] / row["matmul_rate"]
             if pattern is None:
                 dense_s = row
             elif dense_s is not None:

@@ -31,13 +31,33 @@ def time_it(fn, device: torch.device, repeat: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, repeat: int = 5) -> float:
-    """FLOP/s of a square matrix product, measured now on this device."""
+def matmul_product(device: torch.device, dtype: torch.dtype):
+    """(a function computing one square matrix product, its FLOPs): the reference of "of matmul"."""
     n = 2048 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_it(lambda: a @ b, device, repeat)
-    return 2 * n**3 / t
+    return (lambda: a @ b), 2 * n**3
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, repeat: int = 5) -> float:
+    """FLOP/s of a square matrix product, measured now on this device."""
+    product, flops = matmul_product(device, dtype)
+    return flops / time_it(product, device, repeat)
+
+
+def time_interleaved(fn, ref, device: torch.device, repeat: int) -> tuple[float, float]:
+    """Median wall times of ``fn()`` and ``ref()``, run in turns ``repeat`` times each (after one
+    warm-up of ``ref``), so that on a shared, noisy host the ratio of the two sees the same moments."""
+    ref()
+    sync(device)
+    times: tuple[list, list] = ([], [])
+    for _ in range(repeat):
+        for f, out in ((fn, times[0]), (ref, times[1])):
+            t = time.perf_counter()
+            f()
+            sync(device)
+            out.append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def machine_info(device: torch.device) -> dict:
