@@ -93,6 +93,8 @@ def compiled_step(model: SparseTransformer, cache: ModelCache):
     device = next(model.parameters()).device
 
     def decode(prev: torch.Tensor, t: int) -> torch.Tensor:
+        if not 1 <= t < model.cfg.n_ctx:
+            raise ValueError(f"the compiled step decodes positions 1..{model.cfg.n_ctx - 1}, got {t}")
         torch._dynamo.mark_static(prev)  # the batch too: only the prefix length is symbolic
         return model._compiled_decode(prev, torch.tensor(t, device=device), cache, t + 1)
     return decode
