@@ -52,6 +52,51 @@ def test_from_allowed_uses_full_band_and_mask_intervals():
     assert torch.equal(t.coverage(), want.int())
 
 
+def _per_tile_description(allowed, n, tile, block):
+    """The description built the plain way: each tile's whole allowed matrix, classified block by block."""
+    from sparse_transformer.patterns.tiles import _Pool, from_intervals, tile_intervals
+
+    entries, pool = [], _Pool()
+    for t, r0 in enumerate(range(0, n, tile)):
+        r1 = min(n, r0 + tile)
+        i, j = torch.arange(r0, r1)[:, None], torch.arange(r1)[None, :]
+        ok = allowed(i, j).broadcast_to(r1 - r0, r1) & (j <= i)
+        entries += [(t, 0, s, e, kind, pool.add(m)) for s, e, kind, m in tile_intervals(ok, r0, block)]
+    cols = torch.tensor(entries, dtype=torch.int64).reshape(-1, 6).T
+    return from_intervals(n, tile, cols[0], *cols[1:], masks=pool.tensor())
+
+
+PREDICATES = [
+    lambda i, j: (i - j < 40) | (j < 8) | ((i - j) % 5 == 0),
+    lambda i, j: ((j // 48) % 3 == 0) | (i - j < 17),
+    lambda i, j: (i // 24 == j // 24) | (j % 24 >= 21),
+    lambda i, j: ((i * 7 + j * 3) % 11 < 4),
+]
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_from_allowed_equals_the_per_tile_description(compile):
+    """Block status in chunks (eager, or compiled as for long sequences), then the cut blocks alone:
+    the same intervals and masks as classifying each tile's whole allowed matrix, for lengths that
+    are not multiples of the tile, the block or the chunk."""
+    for f in PREDICATES:
+        for n, tile, block in ((300, 16, 32), (1000, 32, 48), (777, 16, 16)):
+            got, want = from_allowed(f, n, tile, block, compile=compile), _per_tile_description(f, n, tile, block)
+            for name in ("ptr", "iv", "masks"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), (n, tile, block, name)
+
+
+def test_a_predicate_that_cannot_be_compiled_is_evaluated_eagerly_and_says_so():
+    def allowed(i, j):
+        if int(i.max()) > 10**9:  # data-dependent Python: no full graph
+            return j < 0
+        return i - j < 9
+
+    with pytest.warns(UserWarning, match="evaluating it eagerly"):
+        got = from_allowed(allowed, 200, 16, 32, compile=True)
+    assert torch.equal(got.iv, _per_tile_description(allowed, 200, 16, 32).iv)
+
+
 @pytest.mark.parametrize("n", [1, 45, 100])
 def test_native_kernel_runs_every_pattern(n):
     """float32 on the CPU: every pattern on the fused kernel, outputs and gradients against the reference,

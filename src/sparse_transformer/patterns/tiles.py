@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .predicate import block_status, cut_masks
+
 FULL, BAND, MASK = 0, 1, 2
 
 
@@ -153,16 +155,36 @@ def tile_intervals(ok: torch.Tensor, r0: int, block: int, k0: int = 0):
             yield k0 + s0, k0 + s1, MASK, sub
 
 
-def from_allowed(allowed, n: int, tile: int, block: int | None = None) -> Tiles:
+def from_allowed(allowed, n: int, tile: int, block: int | None = None, compile: bool | None = None) -> Tiles:
     """The description of any predicate ``allowed(i, j)`` (causality is added): evaluated on
-    each tile of queries against every earlier key, in key blocks of ``block`` (default ``tile``)."""
+    each tile of queries against every earlier key, in key blocks of ``block`` (default ``tile``;
+    ``predicate.block_status``, compiled for long sequences), then once more on the cut blocks, for
+    their masks. Runs of full blocks become one FULL interval, runs of cut ones a BAND 0 interval
+    when they are exactly causal, else a MASK."""
     block = block or tile
+    status = block_status(allowed, n, tile, block, compile)  # (T, nb): 0 empty, 1 full, 2 cut
+    masks, is_band = cut_masks(allowed, status, n, tile, block)  # the cut blocks, row-major
+    width = status.shape[1] + 1
+    flat = torch.nn.functional.pad(status, (0, 1)).flatten()  # a 0 after each tile ends its runs
+    cut_before = torch.cumsum(flat == 2, 0) - (flat == 2).long()  # index of a cut block in ``masks``
+    edges = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), edges])
+    ends = torch.cat([edges, torch.tensor([flat.numel()])])
+    keep = flat[starts] != 0
+    starts, ends = starts[keep], ends[keep]
+    t, a = starts // width, starts % width
+    r1 = torch.clamp((t + 1) * tile, max=n)
+    s0, s1 = a * block, torch.minimum((a + ends - starts) * block, r1)
     entries, pool = [], _Pool()
-    for t, r0 in enumerate(range(0, n, tile)):
-        r1 = min(n, r0 + tile)
-        i, j = torch.arange(r0, r1)[:, None], torch.arange(r1)[None, :]
-        ok = torch.as_tensor(allowed(i, j)).broadcast_to(r1 - r0, r1) & (j <= i)
-        entries += [(t, 0, s, e, kind, pool.add(m)) for s, e, kind, m in tile_intervals(ok, r0, block)]
+    for t_, s0_, s1_, rows, kind, c0, c1 in zip(*(x.tolist() for x in (
+            t, s0, s1, r1 - t * tile, flat[starts], cut_before[starts], cut_before[starts] + ends - starts))):
+        if kind == 1:
+            entries.append((t_, 0, s0_, s1_, FULL, 0))
+        elif bool(is_band[c0:c1].all()):
+            entries.append((t_, 0, s0_, s1_, BAND, 0))
+        else:  # the run's blocks side by side: [rows, s1 - s0]
+            sub = masks[c0:c1].permute(1, 0, 2).reshape(tile, -1)[:rows, : s1_ - s0_]
+            entries.append((t_, 0, s0_, s1_, MASK, pool.add(sub)))
     cols = torch.tensor(entries, dtype=torch.int64).reshape(-1, 6).T
     return from_intervals(n, tile, cols[0], *cols[1:], masks=pool.tensor())
 
