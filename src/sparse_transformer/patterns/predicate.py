@@ -26,17 +26,17 @@ COMPILE_FROM = 32768
 
 
 def _chunk_counts(allowed, tile: int, block: int, rows: int):
-    """``counts(r0, n, keys, k0=0)``: allowed causal pairs of queries r0..r0+rows-1 (those < n) with
-    keys k0..k0+keys-1, per (tile, block), int32 [rows / tile, keys / block] (eagerly, keys are
+    """``counts(r0, keys, k0=0)``: allowed causal pairs of queries r0..r0+rows-1 with
+    keys k0..k0+keys-1 (queries past the sequence's end count as if it went on), per (tile, block), int32 [rows / tile, keys / block] (eagerly, keys are
     taken EAGER_KEYS at a time, which keeps the intermediates in cache). ``keys`` (a multiple of block)
     reaches the chunk's last query; compiled, it is the one symbolic size (tile, block and rows are
     constants of the closure), so the key index stays the loop index and a predicate's arithmetic on
     it is cheap."""
 
-    def counts(r0: torch.Tensor, n: torch.Tensor, keys: int, k0: int = 0) -> torch.Tensor:
+    def counts(r0: torch.Tensor, keys: int, k0: int = 0) -> torch.Tensor:
         i = r0 + torch.arange(rows)[:, None]
         j = k0 + torch.arange(keys)[None, :]
-        ok = torch.as_tensor(allowed(i, j)).broadcast_to(rows, keys) & (j <= i) & (i < n)
+        ok = torch.as_tensor(allowed(i, j)).broadcast_to(rows, keys) & (j <= i)
         return ok.view(rows // tile, tile, keys // block, block).sum((1, 3), dtype=torch.int32)
 
     return counts
@@ -60,7 +60,7 @@ def _chunk_fn(allowed, n: int, tile: int, block: int, rows: int, compile: bool |
         fn = torch.compile(eager, fullgraph=True)
         try:
             for keys in (block, 2 * block):
-                fn(torch.tensor(0), torch.tensor(n), keys)
+                fn(torch.tensor(0), keys)
         except Exception as e:  # noqa: BLE001 - any failure to trace or compile the user's predicate
             fn = None
             if allowed not in _warned:
@@ -80,13 +80,17 @@ def block_status(allowed, n: int, tile: int, block: int, compile: bool | None = 
     fn, compiled = _chunk_fn(allowed, n, tile, block, rows, compile)
     step = nb if compiled else max(1, EAGER_KEYS // block)  # key blocks per call
     counts = torch.zeros(-(-n // rows) * (rows // tile), nb, dtype=torch.int32)
-    n_t = torch.tensor(n)
-    for r0 in range(0, n, rows):
+    starts = torch.arange(0, n, rows)
+    for c, r0 in enumerate(range(0, n, rows)):
         kb = min(nb, -(-(r0 + rows) // block))  # key blocks up to the chunk's last query
         for b0 in range(0, kb, step):
             b1 = min(kb, b0 + step)
-            counts[r0 // tile: (r0 + rows) // tile, b0:b1] = fn(torch.tensor(r0), n_t, (b1 - b0) * block, b0 * block)
+            counts[r0 // tile: (r0 + rows) // tile, b0:b1] = fn(starts[c], (b1 - b0) * block, b0 * block)
     counts = counts[:T]
+    if n % tile:  # the last tile, without its rows past n
+        i, j = torch.arange((T - 1) * tile, n)[:, None], torch.arange(nb * block)[None, :]
+        ok = torch.as_tensor(allowed(i, j)).broadcast_to(i.shape[0], j.shape[1]) & (j <= i)
+        counts[-1] = ok.view(i.shape[0], nb, block).sum((0, 2), dtype=torch.int32)
     r1 = torch.clamp((torch.arange(T) + 1) * tile, max=n)  # each tile's end
     start = torch.arange(nb) * block
     width = (torch.minimum(start[None, :] + block, r1[:, None]) - start[None, :]).clamp(min=0)

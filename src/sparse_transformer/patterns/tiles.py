@@ -175,16 +175,26 @@ def from_allowed(allowed, n: int, tile: int, block: int | None = None, compile: 
     t, a = starts // width, starts % width
     r1 = torch.clamp((t + 1) * tile, max=n)
     s0, s1 = a * block, torch.minimum((a + ends - starts) * block, r1)
-    entries, pool = [], _Pool()
-    for t_, s0_, s1_, rows, kind, c0, c1 in zip(*(x.tolist() for x in (
-            t, s0, s1, r1 - t * tile, flat[starts], cut_before[starts], cut_before[starts] + ends - starts))):
+    c0 = cut_before[starts]
+    bands = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(is_band, 0)])  # exactly causal blocks
+    band = (bands[(c0 + ends - starts).clamp(max=len(is_band))] - bands[c0.clamp(max=len(is_band))]) == ends - starts
+    entries, pool, whole = [], _Pool(), []  # whole: (entry, cut block) of one-block masks, pooled at once
+    for t_, s0_, s1_, rows, kind, c0_, nblocks, band_ in zip(*(x.tolist() for x in (
+            t, s0, s1, r1 - t * tile, flat[starts], c0, ends - starts, band))):
         if kind == 1:
             entries.append((t_, 0, s0_, s1_, FULL, 0))
-        elif bool(is_band[c0:c1].all()):
+        elif band_:
             entries.append((t_, 0, s0_, s1_, BAND, 0))
+        elif nblocks == 1 and rows == tile and s1_ - s0_ == block:
+            whole.append((len(entries), c0_))
+            entries.append([t_, 0, s0_, s1_, MASK, 0])
         else:  # the run's blocks side by side: [rows, s1 - s0]
-            sub = masks[c0:c1].permute(1, 0, 2).reshape(tile, -1)[:rows, : s1_ - s0_]
+            sub = masks[c0_:c0_ + nblocks].permute(1, 0, 2).reshape(tile, -1)[:rows, : s1_ - s0_]
             entries.append((t_, 0, s0_, s1_, MASK, pool.add(sub)))
+    if whole:
+        base = pool.add(masks[[c for _, c in whole]])
+        for k, (e, _) in enumerate(whole):
+            entries[e][5] = base + k * tile * block
     cols = torch.tensor(entries, dtype=torch.int64).reshape(-1, 6).T
     return from_intervals(n, tile, cols[0], *cols[1:], masks=pool.tensor())
 
