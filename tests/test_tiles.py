@@ -97,6 +97,16 @@ def test_from_allowed_equals_the_per_tile_description(compile):
             assert _intervals(got) == _intervals(want), (n, tile, block)
 
 
+@pytest.mark.slow
+def test_many_predicates_compile_each_on_their_own(recwarn):
+    """dynamo keeps at most 8 graphs per code object: each predicate's chunk function has its own, so
+    the fifth compiled predicate (two graphs each) is still compiled, not evaluated eagerly."""
+    for w in range(5):
+        f = lambda i, j, w=w: (i - j < 9 + w) | (j % 7 == 0)  # noqa: E731
+        assert _intervals(from_allowed(f, 300, 16, 32, compile=True)) == _intervals(_per_tile_description(f, 300, 16, 32))
+    assert not [w for w in recwarn if "could not compile" in str(w.message)]
+
+
 def test_a_predicate_that_cannot_be_compiled_is_evaluated_eagerly_and_says_so():
     def allowed(i, j):
         if int(i.max()) > 10**9:  # data-dependent Python: no full graph

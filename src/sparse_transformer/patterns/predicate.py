@@ -16,11 +16,12 @@ compiled (data-dependent Python, say), the evaluation runs eagerly and says so o
 """
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
 
-ROWS = 256
+ROWS = 1024
 EAGER_KEYS = 2048
 COMPILE_FROM = 32768
 
@@ -39,7 +40,10 @@ def _chunk_counts(allowed, tile: int, block: int, rows: int):
         ok = torch.as_tensor(allowed(i, j)).broadcast_to(rows, keys) & (j <= i)
         return ok.view(rows // tile, tile, keys // block, block).sum((1, 3), dtype=torch.int32)
 
-    return counts
+    # A code object of its own: dynamo caches graphs per code object, up to a recompile limit (8),
+    # so closures of one shared code would run out of it after a few predicates.
+    return types.FunctionType(counts.__code__.replace(), counts.__globals__, "counts", counts.__defaults__,
+                              counts.__closure__)
 
 
 _compiled: dict = {}  # (allowed, tile, block, rows) -> the compiled chunk function, or None if it failed
