@@ -107,6 +107,22 @@ def test_many_predicates_compile_each_on_their_own(recwarn):
     assert not [w for w in recwarn if "could not compile" in str(w.message)]
 
 
+@pytest.mark.slow
+def test_a_custom_pattern_is_compiled_once_for_every_length(monkeypatch):
+    """Past COMPILE_FROM positions (lowered here) a Custom pattern's description is compiled once:
+    other lengths reuse the graph, and give the eager description."""
+    import torch._dynamo.utils as du
+    from sparse_transformer.patterns import predicate
+
+    monkeypatch.setattr(predicate, "COMPILE_FROM", 100)
+    p = P.Custom(lambda i, j: (i - j < 9) | (j % 7 == 0), block=16)
+    p.tiles(200, 16)
+    graphs = du.counters["stats"]["unique_graphs"]
+    for n in (150, 333):
+        assert _intervals(p.tiles(n, 16)) == _intervals(from_allowed(p.allowed, n, 16, 16, compile=False)), n
+    assert du.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_a_predicate_that_cannot_be_compiled_is_evaluated_eagerly_and_says_so():
     def allowed(i, j):
         if int(i.max()) > 10**9:  # data-dependent Python: no full graph

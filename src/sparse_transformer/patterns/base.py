@@ -87,7 +87,7 @@ class Pattern:
         patterns with a closed form override it with an O(n / tile) one."""
         from .tiles import from_allowed
 
-        return from_allowed(lambda i, j: self.allowed(i, j), n, tile)
+        return from_allowed(self.allowed, n, tile)  # a bound method: equal for equal patterns, so compiled once
 
     def step_keys(self, t: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys a decoding step at position t (a 0-d tensor) reads, with static shapes: int64 [K]

@@ -41,7 +41,7 @@ class Custom(Pattern):
         return ok & (j <= i)
 
     def tiles(self, n: int, tile: int) -> Tiles:
-        return from_allowed(lambda i, j: self.allowed(i, j), n, tile, self.block)
+        return from_allowed(self.allowed, n, tile, self.block)  # a bound method: compiled once for every length
 
     def __repr__(self) -> str:
         return f"Custom({self.name or getattr(self.allowed_fn, '__name__', 'allowed')}, block={self.block})"

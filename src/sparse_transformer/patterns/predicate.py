@@ -55,6 +55,10 @@ def _chunk_fn(allowed, n: int, tile: int, block: int, rows: int, compile: bool |
     when this predicate was compiled already; else eager."""
     key = (allowed, tile, block, rows)
     eager = _chunk_counts(*key)
+    try:
+        hash(allowed)
+    except TypeError:  # a predicate that cannot be a key: compiled each time, if at all
+        key = (id(allowed), tile, block, rows)
     if compile is False or (compile is None and n < COMPILE_FROM and key not in _compiled):
         return eager, False
     if key not in _compiled:
