@@ -9,10 +9,11 @@ cut. Only the cut blocks are evaluated again, for their exact masks.
 
 Eagerly that costs about 4 ns per pair on a 2-core CPU (0.6 s at N = 16,384). The chunk function
 can be compiled with ``torch.compile`` (fused, vectorised: about 0.3 ns per pair): once per
-predicate and process, for every length, since the chunk's shape is fixed and the offsets and N
-are tensors. Compiling takes seconds, so it is used from ``COMPILE_FROM`` positions on, where
-eager evaluation costs more than that, or when asked (``compile=True``); if the predicate cannot be
-compiled (data-dependent Python, say), the evaluation runs eagerly and says so once.
+predicate and process, for every length (the key extent is the one symbolic size). Compiling takes
+seconds, so it is used from ``COMPILE_FROM`` positions on, where eager evaluation costs more than
+that, or when asked (``compile=True``), and only where PyTorch runs at AVX512 (``trusted_compiler``).
+Its first chunks are checked against eager evaluation; if the predicate cannot be compiled
+(data-dependent Python, say) or disagrees, the evaluation runs eagerly and says so once.
 """
 from __future__ import annotations
 
@@ -50,9 +51,23 @@ _compiled: dict = {}  # (allowed, tile, block, rows) -> the compiled chunk funct
 _warned: set = set()
 
 
+def _warn_once(allowed, why: str) -> None:
+    if allowed not in _warned:
+        _warned.add(allowed)
+        warnings.warn(f"{why}; evaluating the pattern's allowed(i, j) eagerly, about 10x slower", stacklevel=5)
+
+
+def trusted_compiler() -> bool:
+    """Whether compiled evaluation is used on this CPU: where PyTorch runs at AVX512, as tested. Under
+    ``ATEN_CPU_CAPABILITY=avx2`` torch 2.13's inductor returned wrong counts for some predicates
+    (garbage in a bool-to-int32 reduction; tests/test_tiles.py), so AVX2 and the untested arm64
+    evaluate eagerly."""
+    return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+
+
 def _chunk_fn(allowed, n: int, tile: int, block: int, rows: int, compile: bool | None):
     """(the chunk function, compiled or not): compiled when asked, or from COMPILE_FROM positions, or
-    when this predicate was compiled already; else eager."""
+    when this predicate was compiled already, on a CPU where the compiler is trusted; else eager."""
     key = (allowed, tile, block, rows)
     eager = _chunk_counts(*key)
     try:
@@ -61,20 +76,23 @@ def _chunk_fn(allowed, n: int, tile: int, block: int, rows: int, compile: bool |
         key = (id(allowed), tile, block, rows)
     if compile is False or (compile is None and n < COMPILE_FROM and key not in _compiled):
         return eager, False
+    if not trusted_compiler():
+        if compile:
+            _warn_once(allowed, f"compiled evaluation is not trusted at {torch.backends.cpu.get_cpu_capability()}")
+        return eager, False
     if key not in _compiled:
         # dynamic=None: the first call is compiled static, the second (another ``keys``) with
         # ``keys`` symbolic and nothing else (dynamic=True would make tile, block and rows symbolic
-        # too, and the generated loop 4x slower). Both happen here, so that a failure falls back here.
+        # too, and the generated loop 4x slower). Both happen here, checked against eager, so that
+        # a failure falls back here.
         fn = torch.compile(eager, fullgraph=True)
         try:
-            for keys in (block, 2 * block):
-                fn(torch.tensor(0), keys)
+            for r0, keys in ((0, block), (rows, 2 * block)):
+                if not torch.equal(fn(torch.tensor(r0), keys), eager(torch.tensor(r0), keys)):
+                    raise RuntimeError("the compiled evaluation disagrees with the eager one")
         except Exception as e:  # noqa: BLE001 - any failure to trace or compile the user's predicate
             fn = None
-            if allowed not in _warned:
-                _warned.add(allowed)
-                warnings.warn(f"could not compile the pattern's allowed(i, j) ({type(e).__name__}: {e}); "
-                              "evaluating it eagerly, about 10x slower", stacklevel=4)
+            _warn_once(allowed, f"could not compile it ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         _compiled[key] = fn
     return (_compiled[key], True) if _compiled[key] else (eager, False)
 
