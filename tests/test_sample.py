@@ -7,6 +7,7 @@ from PIL import Image
 
 from helpers import run_cli, tiny_images
 from sparse_transformer.model.generate import generate
+from sparse_transformer.sysutil import compiler_trusted
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
 
@@ -148,7 +149,23 @@ def test_static_decoding_step_equals_the_full_forward(pattern, rotary):
         assert torch.allclose(model.decode(x[:, t - 1], torch.tensor(t), cache, t + 1), full[:, t], atol=1e-4), t
 
 
+def test_compile_is_declined_where_compiled_code_is_not_trusted(monkeypatch):
+    """At AVX2 (mocked) generate(compile=True) decodes eagerly, says so once, and gives eager's samples."""
+    import torch
+
+    import sparse_transformer.model.generate as G
+
+    model = _random_model("fixed", n_ctx=32)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(G, "_warned_untrusted", False)
+    monkeypatch.setattr(G, "compiled_step", lambda *a: pytest.fail("compiled at AVX2"))
+    with pytest.warns(UserWarning, match="not trusted at AVX2"):
+        got = generate(model, 2, 10, prompt=b"ab", seed=1, compile=True)
+    assert torch.equal(got, generate(model, 2, 10, prompt=b"ab", seed=1))
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not compiler_trusted(), reason="compiled code is used only where PyTorch runs at AVX512")
 @pytest.mark.parametrize("pattern", ["strided", "fixed", "dense"])
 def test_compiled_step_is_captured_once_and_equals_eager(pattern):
     """generate(compile=True): one graph for every position (no recompilation, no graph break, though

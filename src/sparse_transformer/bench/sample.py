@@ -26,7 +26,7 @@ import torch
 from ..model import ModelConfig, SparseTransformer
 from ..attention.kv_cache import ModelCache
 from ..model.generate import compiled_step, generate
-from ..sysutil import tune_malloc
+from ..sysutil import compiler_trusted, tune_malloc
 from .common import machine_info, table, time_interleaved
 
 
@@ -35,6 +35,10 @@ def run(*, positions=(1024, 16384), gen_length: int = 4096, n_layer: int = 8, d_
         malloc_tuning: bool = True, compile: bool = False, progress=print) -> dict:
     if malloc_tuning:
         tune_malloc()
+    if compile and not compiler_trusted():
+        progress(f"--compile skipped: compiled code is not trusted at {torch.backends.cpu.get_cpu_capability()} "
+                 "(sysutil.compiler_trusted)")
+        compile = False
     torch.manual_seed(0)
     n_ctx = max(max(positions) + 1, gen_length)
     rows = []

@@ -3,6 +3,8 @@ recomputing the full forward pass for each byte (``generate_naive``, the oracle)
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..attention.kv_cache import ModelCache
@@ -64,7 +66,7 @@ def generate(
     cache = model.new_cache(n)
     if P:  # prefill: one sparse forward over positions 0..P-1 fills the caches
         model(x[:, :P], cache=cache)
-    decode = compiled_step(model, cache) if compile else None
+    decode = compiled_step(model, cache) if compile and _may_compile(next(model.parameters()).device) else None
     for t in range(P, x.shape[1]):
         if decode is not None and t > 0:
             logits = decode(x[:, t - 1], t)
@@ -76,6 +78,25 @@ def generate(
                 progress()
     model.train(was_training)
     return x
+
+
+_warned_untrusted = False
+
+
+def _may_compile(device: torch.device) -> bool:
+    """On a CPU where compiled code is not trusted (``sysutil.compiler_trusted``), decode eagerly and
+    say so once."""
+    global _warned_untrusted
+    from ..sysutil import compiler_trusted
+
+    if device.type != "cpu" or compiler_trusted():
+        return True
+    if not _warned_untrusted:
+        _warned_untrusted = True
+        warnings.warn(f"generate(compile=True): compiled code is not trusted at "
+                      f"{torch.backends.cpu.get_cpu_capability()} (torch 2.13's inductor crashed or hung "
+                      "in the decoding step there); decoding eagerly", stacklevel=3)
+    return False
 
 
 def compiled_step(model: SparseTransformer, cache: ModelCache):

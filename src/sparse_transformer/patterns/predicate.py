@@ -58,11 +58,10 @@ def _warn_once(allowed, why: str) -> None:
 
 
 def trusted_compiler() -> bool:
-    """Whether compiled evaluation is used on this CPU: where PyTorch runs at AVX512, as tested. Under
-    ``ATEN_CPU_CAPABILITY=avx2`` torch 2.13's inductor returned wrong counts for some predicates
-    (garbage in a bool-to-int32 reduction; tests/test_tiles.py), so AVX2 and the untested arm64
-    evaluate eagerly."""
-    return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+    """``sysutil.compiler_trusted``: compiled evaluation only where PyTorch runs at AVX512."""
+    from ..sysutil import compiler_trusted
+
+    return compiler_trusted()
 
 
 def _chunk_fn(allowed, n: int, tile: int, block: int, rows: int, compile: bool | None):
