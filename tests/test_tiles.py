@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import sparse_transformer as sp
 from sparse_transformer import patterns as P
-from sparse_transformer.patterns.predicate import trusted_compiler
+from sparse_transformer.sysutil import compiler_trusted
 from sparse_transformer.patterns.tiles import BAND, FULL, MASK, from_allowed
 
 from helpers import every_pattern
@@ -98,7 +98,7 @@ def test_from_allowed_equals_the_per_tile_description(compile):
             assert _intervals(got) == _intervals(want), (n, tile, block)
 
 
-@pytest.mark.skipif(not trusted_compiler(), reason="compiled evaluation is used only where PyTorch runs at AVX512")
+@pytest.mark.skipif(not compiler_trusted(), reason="compiled evaluation is used only where PyTorch runs at AVX512")
 @pytest.mark.slow
 def test_many_predicates_compile_each_on_their_own(recwarn):
     """dynamo keeps at most 8 graphs per code object: each predicate's chunk function has its own, so
@@ -109,7 +109,7 @@ def test_many_predicates_compile_each_on_their_own(recwarn):
     assert not [w for w in recwarn if "could not compile" in str(w.message)]
 
 
-@pytest.mark.skipif(not trusted_compiler(), reason="compiled evaluation is used only where PyTorch runs at AVX512")
+@pytest.mark.skipif(not compiler_trusted(), reason="compiled evaluation is used only where PyTorch runs at AVX512")
 @pytest.mark.slow
 def test_a_custom_pattern_is_compiled_once_for_every_length(monkeypatch):
     """Past COMPILE_FROM positions (lowered here) a Custom pattern's description is compiled once:
@@ -133,12 +133,12 @@ def test_compiled_evaluation_is_checked_and_used_only_where_trusted(monkeypatch)
 
     f = lambda i, j: (i - j < 9) | (j % 5 == 0)  # noqa: E731
     want = _intervals(_per_tile_description(f, 200, 16, 32))
-    monkeypatch.setattr(predicate, "trusted_compiler", lambda: True)
+    monkeypatch.setattr(predicate, "compiler_trusted", lambda: True)
     monkeypatch.setattr(predicate.torch, "compile", lambda fn, **kw: lambda r0, keys, k0=0: fn(r0, keys, k0) + 1)
     with pytest.warns(UserWarning, match="disagrees with the eager one"):
         assert _intervals(from_allowed(f, 200, 16, 32, compile=True)) == want
     g = lambda i, j: (i - j < 9) | (j % 5 == 0)  # noqa: E731 (another predicate: nothing cached)
-    monkeypatch.undo()  # restore torch.compile and trusted_compiler, then mock the capability alone
+    monkeypatch.undo()  # restore torch.compile and compiler_trusted, then mock the capability alone
     monkeypatch.setattr(predicate.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     with pytest.warns(UserWarning, match="not trusted at AVX2"):
         assert _intervals(from_allowed(g, 200, 16, 32, compile=True)) == want
@@ -147,7 +147,7 @@ def test_compiled_evaluation_is_checked_and_used_only_where_trusted(monkeypatch)
 def test_a_predicate_that_cannot_be_compiled_is_evaluated_eagerly_and_says_so(monkeypatch):
     from sparse_transformer.patterns import predicate
 
-    monkeypatch.setattr(predicate, "trusted_compiler", lambda: True)
+    monkeypatch.setattr(predicate, "compiler_trusted", lambda: True)
 
     def allowed(i, j):
         if int(i.max()) > 10**9:  # data-dependent Python: no full graph

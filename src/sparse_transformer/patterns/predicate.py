@@ -2,16 +2,16 @@
 has no closed form (``tiles.from_allowed``; paper section 5.5 for the tiles it feeds).
 
 Every causal pair (i, j) is evaluated once, as FlexAttention's ``create_block_mask`` does, in
-chunks of ``ROWS`` queries x ``KEYS`` keys: the predicate, the causal condition and the count of
+chunks of ``ROWS`` queries x the keys up to the chunk's last query: the predicate, the causal condition and the count of
 allowed pairs per (tile of queries, block of keys) in one function. A (tile, block) is empty
 (count 0), full (every pair of the tile's queries with the block's keys up to the tile's end) or
 cut. Only the cut blocks are evaluated again, for their exact masks.
 
-Eagerly that costs about 4 ns per pair on a 2-core CPU (0.6 s at N = 16,384). The chunk function
+Eagerly that costs 1-3 ns per pair on a 2-core CPU (0.16-0.39 s at N = 16,384). The chunk function
 can be compiled with ``torch.compile`` (fused, vectorised: about 0.3 ns per pair): once per
 predicate and process, for every length (the key extent is the one symbolic size). Compiling takes
 seconds, so it is used from ``COMPILE_FROM`` positions on, where eager evaluation costs more than
-that, or when asked (``compile=True``), and only where PyTorch runs at AVX512 (``trusted_compiler``).
+that, or when asked (``compile=True``), and only where PyTorch runs at AVX512 (``sysutil.compiler_trusted``).
 Its first chunks are checked against eager evaluation; if the predicate cannot be compiled
 (data-dependent Python, say) or disagrees, the evaluation runs eagerly and says so once.
 """
@@ -22,16 +22,18 @@ import warnings
 
 import torch
 
+from ..sysutil import compiler_trusted
+
 ROWS = 1024
 EAGER_KEYS = 2048
 COMPILE_FROM = 32768
 
 
 def _chunk_counts(allowed, tile: int, block: int, rows: int):
-    """``counts(r0, keys, k0=0)``: allowed causal pairs of queries r0..r0+rows-1 with
-    keys k0..k0+keys-1 (queries past the sequence's end count as if it went on), per (tile, block), int32 [rows / tile, keys / block] (eagerly, keys are
-    taken EAGER_KEYS at a time, which keeps the intermediates in cache). ``keys`` (a multiple of block)
-    reaches the chunk's last query; compiled, it is the one symbolic size (tile, block and rows are
+    """``counts(r0, keys, k0=0)``: allowed causal pairs of queries r0..r0+rows-1 with keys
+    k0..k0+keys-1 (queries past the sequence's end count as if it went on), per (tile, block),
+    int32 [rows / tile, keys / block] (eagerly, keys are taken EAGER_KEYS at a time, which keeps the
+    intermediates in cache). ``keys`` (a multiple of block) reaches the chunk's last query; compiled, it is the one symbolic size (tile, block and rows are
     constants of the closure), so the key index stays the loop index and a predicate's arithmetic on
     it is cheap."""
 
@@ -57,13 +59,6 @@ def _warn_once(allowed, why: str) -> None:
         warnings.warn(f"{why}; evaluating the pattern's allowed(i, j) eagerly, about 10x slower", stacklevel=5)
 
 
-def trusted_compiler() -> bool:
-    """``sysutil.compiler_trusted``: compiled evaluation only where PyTorch runs at AVX512."""
-    from ..sysutil import compiler_trusted
-
-    return compiler_trusted()
-
-
 def _chunk_fn(allowed, n: int, tile: int, block: int, rows: int, compile: bool | None):
     """(the chunk function, compiled or not): compiled when asked, or from COMPILE_FROM positions, or
     when this predicate was compiled already, on a CPU where the compiler is trusted; else eager."""
@@ -75,7 +70,7 @@ def _chunk_fn(allowed, n: int, tile: int, block: int, rows: int, compile: bool |
         key = (id(allowed), tile, block, rows)
     if compile is False or (compile is None and n < COMPILE_FROM and key not in _compiled):
         return eager, False
-    if not trusted_compiler():
+    if not compiler_trusted():
         if compile:
             _warn_once(allowed, f"compiled evaluation is not trusted at {torch.backends.cpu.get_cpu_capability()}")
         return eager, False
