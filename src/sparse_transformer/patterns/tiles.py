@@ -178,25 +178,19 @@ def from_allowed(allowed, n: int, tile: int, block: int | None = None, compile: 
     c0 = cut_before[starts]
     bands = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(is_band, 0)])  # exactly causal blocks
     band = (bands[(c0 + ends - starts).clamp(max=len(is_band))] - bands[c0.clamp(max=len(is_band))]) == ends - starts
-    entries, pool, whole = [], _Pool(), []  # whole: (entry, cut block) of one-block masks, pooled at once
-    for t_, s0_, s1_, rows, kind, c0_, nblocks, band_ in zip(*(x.tolist() for x in (
-            t, s0, s1, r1 - t * tile, flat[starts], c0, ends - starts, band))):
-        if kind == 1:
-            entries.append((t_, 0, s0_, s1_, FULL, 0))
-        elif band_:
-            entries.append((t_, 0, s0_, s1_, BAND, 0))
-        elif nblocks == 1 and rows == tile and s1_ - s0_ == block:
-            whole.append((len(entries), c0_))
-            entries.append([t_, 0, s0_, s1_, MASK, 0])
-        else:  # the run's blocks side by side: [rows, s1 - s0]
-            sub = masks[c0_:c0_ + nblocks].permute(1, 0, 2).reshape(tile, -1)[:rows, : s1_ - s0_]
-            entries.append((t_, 0, s0_, s1_, MASK, pool.add(sub)))
-    if whole:
-        base = pool.add(masks[[c for _, c in whole]])
-        for k, (e, _) in enumerate(whole):
-            entries[e][5] = base + k * tile * block
-    cols = torch.tensor(entries, dtype=torch.int64).reshape(-1, 6).T
-    return from_intervals(n, tile, cols[0], *cols[1:], masks=pool.tensor())
+    full = flat[starts] == 1
+    single = ~full & ~band & (ends - starts == 1) & (r1 - t * tile == tile) & (s1 - s0 == block)
+    kind = torch.where(full, FULL, torch.where(band, BAND, MASK))
+    arg = torch.zeros_like(starts)
+    # One-block masks (most cut runs) are pooled in one piece; the others, one by one.
+    pool = _Pool()
+    if single.any():
+        arg[single] = pool.add(masks[c0[single]]) + torch.arange(int(single.sum())) * (tile * block)
+    for e in torch.nonzero(~full & ~band & ~single).flatten().tolist():
+        c, nblocks, rows = int(c0[e]), int(ends[e] - starts[e]), int(r1[e] - t[e] * tile)
+        sub = masks[c:c + nblocks].permute(1, 0, 2).reshape(tile, -1)[:rows, : int(s1[e] - s0[e])]
+        arg[e] = pool.add(sub)  # the run's blocks side by side: [rows, s1 - s0]
+    return from_intervals(n, tile, t, torch.zeros_like(t), s0, s1, kind, arg, masks=pool.tensor())
 
 
 def from_tile_rules(pattern, n: int, tile: int, rules) -> Tiles:
