@@ -74,3 +74,41 @@ def test_context_and_length_cli(tmp_path):
         if row["max_n"]:
             assert row["peak_mb_at_max"] <= 60
         assert row["first_failing_n"] is None or row["first_failing_n"] > (row["max_n"] or 0)
+
+
+def test_flex_bench_times_predicate_descriptions_compiled_and_restores_the_threshold(monkeypatch):
+    """``bench attention --against flex``: a pattern described from its predicate is also timed with
+    that evaluation compiled (a compile below COMPILE_FROM, which is restored); closed forms are not."""
+    from dataclasses import dataclass
+
+    from sparse_transformer import patterns as P
+    from sparse_transformer.bench import flex
+    from sparse_transformer.patterns import predicate
+
+    @dataclass(frozen=True)
+    class Window(P.Pattern):  # no closed form: described from allowed()
+        def allowed(self, i, j):
+            return (i - j) < 5
+
+    assert P.Custom(lambda i, j: i - j < 5).from_predicate and Window().from_predicate
+    assert not P.Strided(8).from_predicate and not P.Fixed(8, 2).from_predicate
+    calls = []
+    monkeypatch.setattr(predicate, "_chunk_fn", lambda *a: calls.append(predicate.COMPILE_FROM) or
+                        (predicate._chunk_counts(*a[:1], *a[2:5]), False))
+    before = predicate.COMPILE_FROM
+    assert flex._compiled_build(Window(), 100, 16) >= 0
+    assert calls == [0, 0] and predicate.COMPILE_FROM == before  # both builds below the threshold, then restored
+
+
+def test_flex_bench_report_shows_compiled_columns_only_when_measured():
+    from sparse_transformer.bench import flex
+
+    base = {"N": 64, "ours_fwd_s": 1.0, "ours_build_s": 0.5, "flex128_fwd_s": 2.0, "flex128_mask_s": 5.0,
+            "vs_flex128": 2.0, "build_vs_flex128": 10.0}
+    result = {"config": {"B": 1, "H": 1, "D": 16, "blocks": [128]}, "machine": {"cpu": "x"}, "results": [
+        {**base, "case": "strided:8"}]}
+    assert "compiled, warm s" not in flex.report(result) and "_compile=True" not in flex.report(result)
+    result["results"].append({**base, "case": "mine", "ours_build_compiled_s": 0.05, "cbuild_vs_flex128": 100.0,
+                              "flex128_mask_compiled_s": 0.4, "build_vs_flexc128": 8.0})
+    text = flex.report(result)
+    assert "compiled, warm s" in text and "@128 _compile=True, warm s" in text and "100" in text

@@ -4,8 +4,10 @@ FlexAttention has no backward on the CPU, so both sides run the forward, on the 
 same run: its ``torch.compile``d ``flex_attention`` with a ``create_block_mask`` built from the
 pattern's own predicate (``Pattern.mask_mod``), at block 128 (its default) and at smaller blocks (16 is
 its fastest on this CPU for Fixed(128, 16) at 16k: 0.19 s, against 0.76 s at 8 and 1.1 s at 4). The
-description of a pattern (patterns/tiles.py) is timed against ``create_block_mask``. Compile time
-is left out (one warm-up call). Each case runs in a fresh process where it can (see attention.py).
+description of a pattern (patterns/tiles.py) is timed against ``create_block_mask``, as it runs by
+default and, at the first block, with its ``_compile=True`` (warm); a pattern described from its
+predicate is also timed with that evaluation compiled (warm). Compile time is left out (one warm-up
+call). Each case runs in a fresh process where it can (see attention.py).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from .. import patterns as P
 from ..attention import attention
 from ..attention import native
+from ..sysutil import compiler_trusted
 from .common import machine_info, sync, table, time_it
 
 DEFAULT_BLOCKS = (128, 16)
@@ -51,6 +54,8 @@ def measure(case: dict) -> dict:
         t = time.perf_counter()
         pattern.tiles(N, tile)
         out["ours_build_s"] = time.perf_counter() - t
+        if pattern.from_predicate and compiler_trusted():
+            out["ours_build_compiled_s"] = _compiled_build(pattern, N, tile)
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         except ImportError as e:
@@ -58,13 +63,19 @@ def measure(case: dict) -> dict:
         flex = torch.compile(flex_attention, dynamic=False)
         ref = attention(q, k, v, pattern)
         mask_mod = pattern.mask_mod(N, dev)
+
+        def mm(b, h, qi, ki):  # one function for every call: compiled, a new one would compile again
+            return mask_mod(qi, ki)
         for bs in case["blocks"]:
             try:
                 t = time.perf_counter()
-                bm = create_block_mask(lambda b, h, qi, ki: mask_mod(qi, ki), None, None, N, N,
+                bm = create_block_mask(mm, None, None, N, N,
                                        device=dev, BLOCK_SIZE=bs)
                 sync(torch.device(dev))
                 out[f"flex{bs}_mask_s"] = time.perf_counter() - t
+                if bs == case["blocks"][0]:  # its own compiled mask builder, warm, at the first block
+                    out[f"flex{bs}_mask_compiled_s"] = _fwd_time(lambda: create_block_mask(
+                        mm, None, None, N, N, device=dev, BLOCK_SIZE=bs, _compile=True), device=dev)
                 out[f"flex{bs}_fwd_s"] = _fwd_time(lambda: flex(q, k, v, block_mask=bm), device=dev)
                 out[f"flex{bs}_err"] = float((flex(q, k, v, block_mask=bm) - ref).abs().max())
                 if dev != "cpu":
@@ -74,6 +85,22 @@ def measure(case: dict) -> dict:
             except Exception as e:  # noqa: BLE001 - whatever stops FlexAttention is the finding
                 out[f"flex{bs}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return out
+
+
+def _compiled_build(pattern, n: int, tile: int) -> float:
+    """Seconds to describe a predicate pattern with its evaluation compiled (predicate.py), warm: the
+    first call compiles (seconds), the second is timed. By default it is compiled only from
+    COMPILE_FROM positions on."""
+    from ..patterns import predicate
+
+    old, predicate.COMPILE_FROM = predicate.COMPILE_FROM, 0
+    try:
+        pattern.tiles(n, tile)
+        t = time.perf_counter()
+        pattern.tiles(n, tile)
+        return time.perf_counter() - t
+    finally:
+        predicate.COMPILE_FROM = old
 
 
 def _run_case(case: dict) -> dict:
@@ -103,6 +130,11 @@ def run(ns: list[int], cases: str, *, B: int = 1, H: int = 4, D: int = 64,
                 if f"flex{bs}_fwd_s" in row:
                     row[f"vs_flex{bs}"] = row[f"flex{bs}_fwd_s"] / row["ours_fwd_s"]
                     row[f"build_vs_flex{bs}"] = row[f"flex{bs}_mask_s"] / row["ours_build_s"]
+                    ours = row.get("ours_build_compiled_s", row["ours_build_s"])
+                    if "ours_build_compiled_s" in row:
+                        row[f"cbuild_vs_flex{bs}"] = row[f"flex{bs}_mask_s"] / ours
+                    if f"flex{bs}_mask_compiled_s" in row:
+                        row[f"build_vs_flexc{bs}"] = row[f"flex{bs}_mask_compiled_s"] / ours
                 if f"flex{bs}_fwd_bwd_s" in row:
                     row[f"fb_vs_flex{bs}"] = row[f"flex{bs}_fwd_bwd_s"] / row["ours_fwd_bwd_s"]
             rows.append(row)
@@ -122,8 +154,15 @@ def report(result: dict) -> str:
         for bs in blocks:
             cols += [(f"flex{bs}_fwd_bwd_s", f"flex@{bs} fwd+bwd s"), (f"fb_vs_flex{bs}", f"x vs @{bs}")]
     cols += [("ours_build_s", "our description s")]
+    compiled = any("ours_build_compiled_s" in r for r in result["results"])
+    if compiled:
+        cols += [("ours_build_compiled_s", "compiled, warm s")]
     for bs in blocks:
         cols += [(f"flex{bs}_mask_s", f"block mask @{bs} s"), (f"build_vs_flex{bs}", f"x vs @{bs}")]
+        if compiled:
+            cols += [(f"cbuild_vs_flex{bs}", "x compiled")]
+        if any(f"flex{bs}_mask_compiled_s" in r for r in result["results"]):
+            cols += [(f"flex{bs}_mask_compiled_s", f"@{bs} _compile=True, warm s"), (f"build_vs_flexc{bs}", "x")]
     c = result["config"]
     where = result["machine"].get("gpu") or result["machine"].get("cpu", "cpu")
     scope = "forward and forward+backward" if c.get("device", "cpu") != "cpu" else "forward only (no CPU backward)"

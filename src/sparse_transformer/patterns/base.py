@@ -89,6 +89,12 @@ class Pattern:
 
         return from_allowed(self.allowed, n, tile)  # a bound method: equal for equal patterns, so compiled once
 
+    @property
+    def from_predicate(self) -> bool:
+        """Whether ``tiles`` evaluates ``allowed`` on every causal pair (patterns/predicate.py, compiled
+        from ``COMPILE_FROM`` positions) rather than following a closed form."""
+        return type(self).tiles is Pattern.tiles
+
     def step_keys(self, t: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys a decoding step at position t (a 0-d tensor) reads, with static shapes: int64 [K]
         positions and bool [K] valid, K the most keys any position below n_ctx reads.

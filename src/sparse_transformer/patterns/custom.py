@@ -43,5 +43,9 @@ class Custom(Pattern):
     def tiles(self, n: int, tile: int) -> Tiles:
         return from_allowed(self.allowed, n, tile, self.block)  # a bound method: compiled once for every length
 
+    @property
+    def from_predicate(self) -> bool:
+        return True
+
     def __repr__(self) -> str:
         return f"Custom({self.name or getattr(self.allowed_fn, '__name__', 'allowed')}, block={self.block})"
