@@ -7,11 +7,12 @@ allowed pairs per (tile of queries, block of keys) in one function. A (tile, blo
 (count 0), full (every pair of the tile's queries with the block's keys up to the tile's end) or
 cut. Only the cut blocks are evaluated again, for their exact masks.
 
-Eagerly that costs 1-3 ns per pair on a 2-core CPU (0.16-0.39 s at N = 16,384). The chunk function
-can be compiled with ``torch.compile`` (fused, vectorised: about 0.3 ns per pair): once per
-predicate and process, for every length (the key extent is the one symbolic size). Compiling takes
-seconds, so it is used from ``COMPILE_FROM`` positions on, where eager evaluation costs more than
-that, or when asked (``compile=True``), and only where PyTorch runs at AVX512 (``sysutil.compiler_trusted``).
+Eagerly that costs about 0.8 ns per pair on a 2-core CPU (0.11 s at N = 16,384, 1.7 s at 65,536).
+The chunk function can be compiled with ``torch.compile`` (fused, vectorised: about 0.2 ns per
+pair): once per predicate and process, for every length (the key extent is the one symbolic size).
+Compiling takes about 3 s, so it is used from ``COMPILE_FROM`` positions on, where eager evaluation
+costs more than compiling and the compiled one together (65,536: 1.7 s eager, 3.1 s compiling
+included), or when asked (``compile=True``), and only where PyTorch runs at AVX512 (``sysutil.compiler_trusted``).
 Its first chunks are checked against eager evaluation; if the predicate cannot be compiled
 (data-dependent Python, say) or disagrees, the evaluation runs eagerly and says so once.
 """
@@ -25,8 +26,8 @@ import torch
 from ..sysutil import compiler_trusted
 
 ROWS = 1024
-EAGER_KEYS = 2048
-COMPILE_FROM = 32768
+EAGER_KEYS = 512  # 30-40% faster than 2048 for three predicates at 16k, at AVX512 and AVX2 (BENCHMARKS.md)
+COMPILE_FROM = 131072
 
 
 def _chunk_counts(allowed, tile: int, block: int, rows: int):
