@@ -35,13 +35,17 @@ class Custom(Pattern):
 
     def allowed(self, i, j):
         i, j = torch.as_tensor(i), torch.as_tensor(j)
+        return self._predicate(i, j) & (j <= i)
+
+    def _predicate(self, i, j):
+        """``allowed_fn(i, j)``, checked, without the causal condition (``from_allowed`` adds it)."""
         ok = torch.as_tensor(self.allowed_fn(i, j))
         if ok.dtype != torch.bool:
             raise ValueError(f"Custom {self.name or ''}: allowed(q_idx, k_idx) must return a bool tensor, got {ok.dtype}")
-        return ok & (j <= i)
+        return ok
 
     def tiles(self, n: int, tile: int) -> Tiles:
-        return from_allowed(self.allowed, n, tile, self.block)  # a bound method: compiled once for every length
+        return from_allowed(self._predicate, n, tile, self.block)  # a bound method: compiled once for every length
 
     @property
     def from_predicate(self) -> bool:
