@@ -64,3 +64,25 @@ def test_trains_samples_and_draws(tmp_path, spec):
     assert summary["steps"] == 3
     img = pattern_image(P.parse(spec), 24)
     assert img.ndim == 3 and img.shape[-1] == 3
+
+
+def test_the_cli_imports_a_file_that_registers_a_pattern(tmp_path):
+    """``sparse-transformer --import FILE``: a pattern registered in the user's own file is a spec for
+    every command (here ``show-pattern`` and ``bench attention``); a missing file or a failing module is
+    one line, exit code 2."""
+    from helpers import assert_one_line_error, run_cli
+
+    mine = tmp_path / "my_patterns.py"
+    mine.write_text("from sparse_transformer import patterns as P\n"
+                    "P.Custom(lambda i, j: (i - j < 4) | (j % 8 == 0), block=8, name='from_my_file')\n")
+    r = run_cli("--import", mine, "show-pattern", "from_my_file", "-n", "32", "-o", tmp_path / "p.png")
+    assert r.returncode == 0 and (tmp_path / "p.png").stat().st_size > 0, r.stderr
+    out = tmp_path / "b.json"
+    r = run_cli("--import", mine, "bench", "attention", "--device", "cpu", "--n", "256", "--cases", "from_my_file",
+                "--json", out)
+    assert r.returncode == 0, r.stderr
+    assert "from_my_file" in out.read_text()
+    assert_one_line_error(run_cli("show-pattern", "from_my_file"), "unknown pattern 'from_my_file'")
+    assert_one_line_error(run_cli("--import", tmp_path / "nope.py", "show-pattern", "dense"), "no such file")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('broken on purpose')\n")
+    assert_one_line_error(run_cli("--import", tmp_path / "broken.py", "show-pattern", "dense"), "broken on purpose")

@@ -7,7 +7,10 @@ a command is one module and one entry in COMMANDS.
 from __future__ import annotations
 
 import errno
+import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 from ..sysutil import tune_malloc
 from ..train.distributed import DistributedFailure
@@ -23,6 +26,10 @@ def build_parser() -> Parser:
         prog="sparse-transformer",
         description="Sparse Transformers (Child et al., 2019): exact strided and fixed attention in PyTorch.",
     )
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a Python module (by name) or .py file (by path) before the command, for what it "
+                             "registers: a pattern class or a named Custom(...) is then a spec that --cases, "
+                             "model.pattern and show-pattern accept (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in COMMANDS:
         command.add(sub)
@@ -36,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "no_malloc_tuning", False):
         tune_malloc()
     try:
+        for name in args.imports:
+            import_user(name)
         return args.run(args, extra)
     except (UsageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"sparse-transformer: error: {e}", file=sys.stderr)
@@ -59,3 +68,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparse-transformer: error: no space left on the device{where}; every file is written atomically, "
               "so what was there before is intact; free some space and run it again (a run continues with --resume)", file=sys.stderr)
         return 2
+
+
+def import_user(name: str) -> None:
+    """Import a module by name, or a .py file by path, for the patterns it registers; any failure is
+    one line (a UsageError)."""
+    try:
+        if name.endswith(".py") or "/" in name:
+            path = Path(name)
+            if not path.is_file():
+                raise UsageError(f"--import {name}: no such file")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(name)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's module: say what failed, in one line
+        raise UsageError(f"--import {name}: {type(e).__name__}: {e} (python -c 'import ...' shows the traceback)") from None
