@@ -82,7 +82,7 @@ def test_the_cli_imports_a_file_that_registers_a_pattern(tmp_path):
                 "--json", out)
     assert r.returncode == 0, r.stderr
     assert "from_my_file" in out.read_text()
-    assert_one_line_error(run_cli("show-pattern", "from_my_file"), "unknown pattern 'from_my_file'")
+    assert_one_line_error(run_cli("show-pattern", "from_my_file"), "unknown pattern 'from_my_file'", "--import FILE")
     assert_one_line_error(run_cli("--import", tmp_path / "nope.py", "show-pattern", "dense"), "no such file")
     (tmp_path / "broken.py").write_text("raise RuntimeError('broken on purpose')\n")
     assert_one_line_error(run_cli("--import", tmp_path / "broken.py", "show-pattern", "dense"), "broken on purpose")

@@ -79,7 +79,8 @@ def parse(spec: str) -> Pattern:
         return _INSTANCES[spec.strip()]
     name, *args = spec.strip().split(":")
     if name not in _REGISTRY:
-        raise ValueError(f"unknown pattern {name!r} in {spec!r}; known: {usage()}")
+        raise ValueError(f"unknown pattern {name!r} in {spec!r}; known: {usage()} (a pattern of your own registers "
+                         "when its module is imported: sparse-transformer --import FILE on the command line)")
     cls, params = _REGISTRY[name]
     required = [p for p in params if next(f for f in dataclasses.fields(cls) if f.name == p).default
                 is dataclasses.MISSING]
