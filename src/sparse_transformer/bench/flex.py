@@ -130,7 +130,7 @@ def run(ns: list[int], cases: str, *, B: int = 1, H: int = 4, D: int = 64,
                 if f"flex{bs}_fwd_s" in row:
                     row[f"vs_flex{bs}"] = row[f"flex{bs}_fwd_s"] / row["ours_fwd_s"]
                     row[f"build_vs_flex{bs}"] = row[f"flex{bs}_mask_s"] / row["ours_build_s"]
-                    ours = row.get("ours_build_compiled_s", row["ours_build_s"])
+                    ours = row.get("ours_build_compiled_s", row["ours_build_s"])  # our best build
                     if "ours_build_compiled_s" in row:
                         row[f"cbuild_vs_flex{bs}"] = row[f"flex{bs}_mask_s"] / ours
                     if f"flex{bs}_mask_compiled_s" in row:
