@@ -42,7 +42,7 @@ def run(*, budget_mb: float = 1024, patterns=("dense", "strided", "fixed"), reco
             lo, hi = 0, start
             while hi <= max_n and _fits(hi, pattern, rc, **kw)[0]:
                 lo, hi = hi, hi * 2
-            if lo:
+            if lo and hi <= max_n:  # bisect between the last fitting and the first failing length
                 for _ in range(steps):
                     mid = (lo + hi) // 2
                     if _fits(mid, pattern, rc, **kw)[0]:
