@@ -1,5 +1,8 @@
-"""Shared test helpers: the CLI runner, the tiny training config, datasets, pattern lists."""
+"""Shared test helpers: the CLI runners, the tiny training config, datasets, pattern lists."""
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +38,30 @@ def run_cli(*args, timeout: float = 600, env=None) -> subprocess.CompletedProces
     """``sparse-transformer ARGS`` in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "sparse_transformer", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def cli_here(*args) -> subprocess.CompletedProcess:
+    """``sparse-transformer ARGS`` in this process: ``cli.main`` with stdout and stderr captured (argparse's
+    exit turned into its code). A fresh interpreter spends about 3 s importing torch, so tests of bad input,
+    which stop before any real work, run here; whatever must hold of a real process (signals, the entry
+    point, state that a command leaves behind) uses ``run_cli``."""
+    from sparse_transformer.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.environ.get("SPARSE_TRANSFORMER_NO_MALLOC_TUNING")
+    os.environ["SPARSE_TRANSFORMER_NO_MALLOC_TUNING"] = "1"  # leave the test process's malloc as it is
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse: usage errors exit 2, --help 0
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        if saved is None:
+            os.environ.pop("SPARSE_TRANSFORMER_NO_MALLOC_TUNING")
+        else:
+            os.environ["SPARSE_TRANSFORMER_NO_MALLOC_TUNING"] = saved
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *parts: str) -> None:

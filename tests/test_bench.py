@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from helpers import run_cli
+from helpers import cli_here, run_cli
 
 from sparse_transformer.bench.compare import compressor_bits, min_context_bits
 from sparse_transformer.data.prepare import prepare
@@ -26,7 +26,7 @@ def test_compare_quick(data_dir, tmp_path):
     for x in rows:
         assert 0 < x["val_bits_per_dim"] < 8.5
     assert [x["rotary"] for x in rows if x["model"] != "compressors"] == [True] * 3 + [False] * 3
-    r = run_cli("bench", "compare", "--modalities", "audio")
+    r = cli_here("bench", "compare", "--modalities", "audio")
     assert r.returncode == 2 and "allowed: text, images" in r.stderr
 
 
@@ -63,17 +63,32 @@ def test_context_and_length_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert [x["min_context"] for x in res["results"]] == [0, 32, 64, 120] and res["config"]["scored_bytes"] == 1024
-    r = run_cli("bench", "context", str(tmp_path / "run"), "--contexts", "128")
+    r = cli_here("bench", "context", str(tmp_path / "run"), "--contexts", "128")
     assert r.returncode == 2 and "below model.n_ctx=128" in r.stderr
 
     out = tmp_path / "len.json"
-    r = run_cli("bench", "length", "--budget-mb", "60", "--patterns", "strided", "--start", "256", "--max-n", "4096",
-                "--bisect", "1", "--layers", "1", "--d-model", "32", "--json", str(out))
+    r = run_cli("bench", "length", "--budget-mb", "20", "--patterns", "strided", "--start", "512", "--max-n", "4096",
+                "--bisect", "1", "--layers", "1", "--d-model", "32", "--json", str(out))  # 512 fits (18 MB) or not
     assert r.returncode == 0, r.stderr
     for row in json.loads(out.read_text())["results"]:
         if row["max_n"]:
             assert row["peak_mb_at_max"] <= 60
         assert row["first_failing_n"] is None or row["first_failing_n"] > (row["max_n"] or 0)
+
+
+def test_length_search_stays_within_max_n(monkeypatch):
+    """When every doubling up to --max-n fits, the answer is --max-n: no bisection above it."""
+    from sparse_transformer.bench import length as bl
+
+    tried = []
+    monkeypatch.setattr(bl, "_run", lambda case: tried.append(case["model"]["n_ctx"]) or {"peak_mb": 1.0})
+    res = bl.run(budget_mb=10, patterns=("strided",), recompute=(False,), start=256, max_n=1024, progress=lambda *_: None)
+    assert tried == [256, 512, 1024] and res["results"][0]["max_n"] == 1024
+    assert res["results"][0]["first_failing_n"] is None
+    tried.clear()
+    monkeypatch.setattr(bl, "_run", lambda case: tried.append(case["model"]["n_ctx"]) or {"peak_mb": case["model"]["n_ctx"] / 100})
+    res = bl.run(budget_mb=7, patterns=("strided",), recompute=(False,), start=256, max_n=4096, steps=2, progress=lambda *_: None)
+    assert tried == [256, 512, 1024, 768, 640] and res["results"][0]["max_n"] == 640  # bisected in (512, 1024)
 
 
 def test_flex_bench_times_predicate_descriptions_compiled_and_restores_the_threshold(monkeypatch):

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, cli_here, run_cli
 from sparse_transformer.data import get_batch, load_dataset
 from sparse_transformer.data.prepare import prepare
 
@@ -85,8 +85,8 @@ def test_batches_are_a_pure_function_of_seed_and_step():
 
 @pytest.mark.slow
 def test_cli_data_prepare_errors(tmp_path):
-    assert_one_line_error(run_cli("data", "prepare", "cifar100", "--dir", tmp_path), "unknown dataset 'cifar100'")
-    r = run_cli("data", "prepare", "shakespeare", "--dir", tmp_path)
+    assert_one_line_error(cli_here("data", "prepare", "cifar100", "--dir", tmp_path), "unknown dataset 'cifar100'")
+    r = cli_here("data", "prepare", "shakespeare", "--dir", tmp_path)
     assert r.returncode == 2 and "pass --from PATH" in r.stderr
 
 
@@ -136,7 +136,7 @@ def test_images_folder_and_bad_inputs(tmp_path):
 
 
 def _cli(*args):
-    return run_cli(*args)
+    return cli_here(*args)
 
 
 def _class_folders(root, sizes=((6, 5), (8, 7), (6, 5), (9, 9)), per_class=5):
@@ -178,14 +178,14 @@ def test_cli_name_resize_test_fraction_and_print_config(tmp_path):
                 "--name", "tiny4", "--fraction", "0.7", "--test-fraction", "0.2")
     assert r.returncode == 0, r.stderr
     assert "prepared images in" in r.stdout and "tiny4" in r.stdout and "labels are not used" in r.stderr
-    r = run_cli("train", "--data.name", tmp_path / "data" / "tiny4", "--print-config")
+    r = cli_here("train", "--data.name", tmp_path / "data" / "tiny4", "--print-config")
     cfg = json.loads(r.stdout)
     assert cfg["model"]["data_shape"] == [4, 4, 3] and cfg["model"]["n_ctx"] == 48 and cfg["model"]["stride"] == 12
     for args, msg in [(("--name", "x/y"), "plain folder name"), (("--test-fraction", "0.5"), "test fraction must be in"),
                       (("--size", "4x4", "--resize", "4x4"), "not both")]:
-        r = run_cli("data", "prepare", "images", "--from", src, "--dir", tmp_path / "data", *args)
+        r = cli_here("data", "prepare", "images", "--from", src, "--dir", tmp_path / "data", *args)
         assert_one_line_error(r, msg)
-    r = run_cli("data", "prepare", "shakespeare", "--name", "s", "--dir", tmp_path / "data")
+    r = cli_here("data", "prepare", "shakespeare", "--name", "s", "--dir", tmp_path / "data")
     assert_one_line_error(r, "are for text, images, audio")
 
 

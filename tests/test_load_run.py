@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from helpers import assert_one_line_error, run_cli, tiny
+from helpers import assert_one_line_error, cli_here, run_cli, tiny
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.model.config import ModelConfig
 from sparse_transformer.train import memory
@@ -70,9 +70,11 @@ def test_what_is_not_a_run_is_one_line(run_dir, tmp_path):
     for name, msg in bad.items():
         with pytest.raises(ValueError, match=msg):
             load_run(tmp_path / name)
-        assert_one_line_error(run_cli("eval", tmp_path / name, "--json=-"), msg, name)
+        assert_one_line_error(cli_here("eval", tmp_path / name, "--json=-"), msg, name)
     for name in ("pickle.pt", "wrong-shapes.pt"):  # sample goes through the same loader
-        assert_one_line_error(run_cli("sample", tmp_path / name, "--no-progress"), bad[name], name)
+        assert_one_line_error(cli_here("sample", tmp_path / name, "--no-progress"), bad[name], name)
+    # and once through the real entry point, in a fresh interpreter
+    assert_one_line_error(run_cli("eval", tmp_path / "pickle.pt"), bad["pickle.pt"], "pickle.pt")
 
 
 @pytest.mark.parametrize("model", [

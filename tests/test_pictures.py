@@ -5,7 +5,7 @@ from PIL import Image
 
 from sparse_transformer import patterns as P
 from sparse_transformer.pictures import ALLOWED, EMPTY, GAP, QUERY, pattern_image
-from helpers import run_cli, tiny_images
+from helpers import cli_here, run_cli, tiny_images
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
 
@@ -44,7 +44,7 @@ def test_show_pattern_cli_heads_and_factors(tmp_path):
     for h in range(4):
         assert (_matrix(img, 32, 2, row=h) == pat.per_head(4)[h].mask(32).numpy()).all()
     assert (_matrix(img, 32, 2, row=5) == pat.factors()[1].mask(32).numpy()).all()
-    r = run_cli("show-pattern", "strided", "--stride", "0", "-o", str(out))
+    r = cli_here("show-pattern", "strided", "--stride", "0", "-o", str(out))
     assert r.returncode == 2 and "stride" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -64,7 +64,7 @@ def test_show_attention_and_plot(tmp_path):
     r = run_cli("show-attention", str(runs[1]), "--position", "30", "--scale", "5", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (GAP + 2 * (4 * 5 + GAP), GAP + 3 * (4 * 5 + GAP))  # 2 heads x 3 layers of 4x4
-    r = run_cli("show-attention", str(runs[1]), "--position", "48")
+    r = cli_here("show-attention", str(runs[1]), "--position", "48")
     assert r.returncode == 2 and "--position must be in [0, 47]" in r.stderr
 
     from sparse_transformer.model import SparseTransformer
@@ -80,5 +80,5 @@ def test_show_attention_and_plot(tmp_path):
     r = run_cli("plot", *map(str, runs), "-o", str(tmp_path / "curves.png"))
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "curves.png").size == (800, 500)
-    r = run_cli("plot", str(tmp_path / "nothing"))
+    r = cli_here("plot", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "no metrics.jsonl" in r.stderr

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from helpers import run_cli, tiny_images
+from helpers import cli_here, run_cli, tiny_images
 from sparse_transformer.model.generate import generate
 from sparse_transformer.sysutil import compiler_trusted
 from sparse_transformer.train.config import build_config
@@ -24,7 +24,7 @@ def test_sample_text(tmp_path):
     assert r.returncode == 0, r.stderr
     text = out.read_text()
     assert text.count("=== sample") == 2 and "ab" in text
-    r = run_cli("sample", str(tmp_path), "--complete", "1")
+    r = cli_here("sample", str(tmp_path), "--complete", "1")
     assert r.returncode == 2 and "--complete is for image models" in r.stderr
 
 
@@ -47,14 +47,14 @@ def test_sample_images_and_completion(tmp_path):
     assert (img[2:6, 2:6] == test2).all()  # the original
     assert (img[2:4, 8:12] == test2[:2]).all() and (img[4:6, 8:12] == 0).all()  # kept top half
     assert all((img[2:4, 2 + 6 * k : 6 + 6 * k] == test2[:2]).all() for k in range(2, 5))  # completions keep it
-    r = run_cli("sample", str(run), "--complete", "9")
+    r = cli_here("sample", str(run), "--complete", "9")
     assert r.returncode == 2 and "--complete must be in [0, 3]" in r.stderr
     Image.fromarray(test2).save(tmp_path / "mine.png")  # the same image, as a file
     r = run_cli("sample", str(run), "-n", "1", "--complete", str(tmp_path / "mine.png"), "-o", str(tmp_path / "f.png"), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert (np.asarray(Image.open(tmp_path / "f.png"))[2:6, 2:6] == test2).all()
     Image.fromarray(test2[:3]).save(tmp_path / "wrong.png")
-    r = run_cli("sample", str(run), "--complete", str(tmp_path / "wrong.png"))
+    r = cli_here("sample", str(run), "--complete", str(tmp_path / "wrong.png"))
     assert r.returncode == 2 and "expected 4x4" in r.stderr
 
 
@@ -75,7 +75,7 @@ def test_sample_audio_wav(tmp_path, data_dir):
     with wave.open(str(out)) as w:
         assert w.getframerate() == 12000 and w.getnchannels() == 1
         assert w.getnframes() == 2 * 200 + 3000  # two samples and a quarter second of silence between
-    r = run_cli("sample", str(run), "--prompt", "x")
+    r = cli_here("sample", str(run), "--prompt", "x")
     assert r.returncode == 2 and "--prompt is for text models; this is an audio model" in r.stderr
     # a recording to continue: prefilled, and the output starts with it
     from sparse_transformer.data.formats import mu_law_encode, write_wav
@@ -88,7 +88,7 @@ def test_sample_audio_wav(tmp_path, data_dir):
     with wave.open(str(out)) as w:
         assert w.getnframes() == 2 * (120 + 50) + 3000
     write_wav(tmp_path / "long.wav", np.zeros(300, dtype=np.uint8))
-    r = run_cli("sample", str(run), "--prompt-audio", str(tmp_path / "long.wav"))
+    r = cli_here("sample", str(run), "--prompt-audio", str(tmp_path / "long.wav"))
     assert r.returncode == 2 and "use a shorter recording" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -103,7 +103,7 @@ def test_bench_sample_smoke(tmp_path):
     assert rows["dense"]["cache_fraction_of_dense"] == 1.0
     assert rows["fixed"]["cache_mb"] < rows["dense"]["cache_mb"]  # n_ctx 513: 33 blocks x 4 + 16 of 513
     assert all(row["prefill_s"] > 0 and row["forward_s"] > 0 for row in rows.values())
-    r = run_cli("bench", "sample", "--positions", "64")
+    r = cli_here("bench", "sample", "--positions", "64")
     assert r.returncode == 2 and "two or more ascending positions" in r.stderr
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from helpers import TINY, losses, run_cli, tiny
+from helpers import TINY, cli_here, losses, run_cli, tiny
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
 
@@ -159,7 +159,7 @@ def test_cli_train_and_eval(tmp_path):
 @pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, args, message):
     args = [a.replace("OUT", str(tmp_path / "o")) for a in args]
-    r = run_cli(*args)
+    r = cli_here(*args)
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
