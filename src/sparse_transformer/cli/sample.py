@@ -12,10 +12,11 @@ from .common import UsageError, at_least, finite_at_least
 def add(sub) -> None:
     sp = sub.add_parser(
         "sample",
-        help="generate text or images from a checkpoint",
-        description="Generate with the pattern-following KV cache. Text models print to stdout (or -o FILE); "
-        "image models (model.data_shape = H x W x C) write one PNG grid; --complete INDEX keeps the top half "
-        "of test image INDEX and writes original | kept half | completions side by side.",
+        help="generate text, images or audio from a checkpoint",
+        description="Generate with the pattern-following KV cache (a prompt is prefilled in one pass). Text "
+        "models print to stdout (or -o FILE); image models (model.data_shape = H x W x C) write one PNG grid; "
+        "--complete INDEX keeps the top half of test image INDEX and writes original | kept half | completions "
+        "side by side; audio models write one WAV file (12 kHz, the samples a quarter second apart).",
     )
     sp.add_argument("checkpoint", help="a run folder, its ckpt.pt, or its model.safetensors (config.json beside it)")
     sp.add_argument("-n", type=at_least(1), default=1, help="number of samples (default 1)")
