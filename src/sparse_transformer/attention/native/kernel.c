@@ -377,7 +377,7 @@ static void tile_bwd(const float *Qr, const float *Kr, const float *Vr, const fl
 /* Column pass: the M = N / l positions c, c+l, ... of one column, gathered. */
 static size_t col_buf_floats(int M)
 {
-    return sizeof(TileScratch) / sizeof(float) + 4 * (size_t)M * HD + 2 * (size_t)M * TQ + TQ * HD + 2 * (size_t)M + 64;
+    return sizeof(TileScratch) / sizeof(float) + 7 * (size_t)M * HD + 2 * (size_t)M * TQ + TQ * HD + 2 * (size_t)M + 64;
 }
 
 /* Rows m0.. of column c: positions m * l + c, read from row m * l + c - q0 of X. */
@@ -446,7 +446,9 @@ static void col_bwd(const Shape *sh, const float *Q, const float *K, const float
     TileScratch *ts = (TileScratch *)buf;
     float *Qc = (float *)(ts + 1), *Kc = Qc + (size_t)M * HD, *Vc = Kc + (size_t)M * HD, *dOc = Vc + (size_t)M * HD;
     float *St = dOc + (size_t)M * HD, *dPt = St + (size_t)M * TQ, *Lc = dPt + (size_t)M * TQ, *Dc = Lc + M;
+    float *dQc = Dc + M, *dKc = dQc + (size_t)M * HD, *dVc = dKc + (size_t)M * HD;
     int ms = first_query(sh, c), q0 = sh->q0;
+    memset(dQc, 0, sizeof(float) * 3 * (size_t)M * HD);
     gather(Q, ms, M, l, c, q0, Qc);
     gather(K, 0, M, l, c, 0, Kc);
     gather(V, 0, M, l, c, 0, Vc);
@@ -459,10 +461,20 @@ static void col_bwd(const Shape *sh, const float *Q, const float *K, const float
             ts->lse[a] = a < rows ? Lc[m0 + a] : 0.f;
             ts->delta[a] = a < rows ? Dc[m0 + a] : 0.f;
         }
-        /* The gradients go straight into column c of dQ, dK, dV (row stride l * HD): this thread owns it. */
+        /* The gradients add up in the column's own contiguous rows, not in dQ, dK, dV themselves, where a
+         * column's rows lie l * HD floats apart (32 KB for l = 128: a few cache sets for all of them). */
         tile_bwd(Qc + (size_t)m0 * HD, Kc + (size_t)j0 * HD, Vc + (size_t)j0 * HD, dOc + (size_t)m0 * HD, rows, W, ts,
-                 St, dPt, dQ + ((size_t)m0 * l + c - q0) * HD, dK + ((size_t)j0 * l + c) * HD, dV + ((size_t)j0 * l + c) * HD,
-                 l * HD, sh->scale);
+                 St, dPt, dQc + (size_t)m0 * HD, dKc + (size_t)j0 * HD, dVc + (size_t)j0 * HD, HD, sh->scale);
+    }
+    for (int m = 0; m < M; m++) { /* then once into column c of dQ, dK, dV: this thread owns it */
+        float *dk = dK + ((size_t)m * l + c) * HD, *dv = dV + ((size_t)m * l + c) * HD;
+        const float *dkc = dKc + (size_t)m * HD, *dvc = dVc + (size_t)m * HD;
+        for (int d = 0; d < HD; d += VL) { st(dk + d, ld(dk + d) + ld(dkc + d)); st(dv + d, ld(dv + d) + ld(dvc + d)); }
+        if (m >= ms) {
+            float *dq = dQ + ((size_t)m * l + c - q0) * HD;
+            const float *dqc = dQc + (size_t)m * HD;
+            for (int d = 0; d < HD; d += VL) st(dq + d, ld(dq + d) + ld(dqc + d));
+        }
     }
 }
 
