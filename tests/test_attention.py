@@ -103,6 +103,26 @@ def test_per_head_patterns():
     compare(mixed, 1, 4, 90, 16, torch.float32, "auto", 1e-5)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("pattern", every_pattern(16, 4), ids=repr)
+def test_one_sequence_shared_by_threads(pattern, threads):
+    """B = H = 1: the threads share one sequence's backward (each a run of tiles, adding into its own
+    key rows), for all N queries and for the last L of them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        compare(pattern, 1, 1, 701, 32, torch.float32, "auto", 1e-5)
+        g = torch.Generator().manual_seed(3)
+        q, k, v, do = (torch.randn(1, 1, 701, 32, generator=g) for _ in range(4))
+        do[:, :, :401] = 0  # the full computation's gradients then equal those of the last 300 queries
+        got = run(q[:, :, 401:], k, v, pattern, "auto", do[:, :, 401:])
+        want = run(q.double(), k.double(), v.double(), pattern, "reference", do.double())
+        for name, a, b in zip("o dq dk dv".split(), got, (want[0][:, :, 401:], want[1][:, :, 401:], *want[2:])):
+            assert rel_err(a, b) <= 1e-5, (name, rel_err(a, b))
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 def test_long_sequence_against_reference():
     compare(P.Strided(64), 1, 2, 4000, 16, torch.float32, "auto", 1e-5)

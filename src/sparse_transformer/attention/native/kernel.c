@@ -25,6 +25,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
 
 #ifndef HD
 #error "compile with -DHD=<head width, a multiple of 16>"
@@ -621,6 +627,7 @@ static void grad_masked(float *St, float *dPt, int W, const int *full, const int
 typedef struct {
     const float *q, *k, *v, *dout, *lse, *delta, *Gk, *Gv;
     float *o, *lse_out, *dq, *dk, *dv, *dGk, *dGv;
+    size_t kbase; /* dk, dv hold the key rows from kbase on (a thread's private range) */
 } Seq;
 
 typedef struct {
@@ -657,7 +664,10 @@ static void segment(const Desc *d, const Seq *s, const int *e, const float **K, 
     size_t off = (size_t)e[1] * HD;
     *K = (e[0] ? s->Gk : s->k) + off;
     *V = (e[0] ? s->Gv : s->v) + off;
-    if (dK) { *dK = (e[0] ? s->dGk : s->dk) + off; *dV = (e[0] ? s->dGv : s->dv) + off; }
+    if (dK) {
+        if (e[0]) { *dK = s->dGk + off; *dV = s->dGv + off; }
+        else { *dK = s->dk + off - s->kbase * HD; *dV = s->dv + off - s->kbase * HD; }
+    }
 }
 
 /* Out^T = X Y^T for the rows X of every interval of tile t (the keys, or the values with
@@ -768,7 +778,7 @@ static int tiles_forward(const Desc *d, int BH, int nthreads, const float *q, co
             long b = it / nt;
             float *gb = G ? G + (size_t)b * d->ng * HD * 2 : NULL;
             Seq s = {q + b * NQ * HD, k + b * NH, v + b * NH, NULL, NULL, NULL, gb, gb ? gb + (size_t)d->ng * HD : NULL,
-                     o + b * NQ * HD, lse + b * NQ, NULL, NULL, NULL, NULL, NULL};
+                     o + b * NQ * HD, lse + b * NQ, NULL, NULL, NULL, NULL, NULL, 0};
             tiles_fwd_one(d, &s, t0 + (int)(it % nt), buf);
         }
         tilebuf_free(buf);
@@ -783,9 +793,84 @@ static void tiles_bwd_seq(const Desc *d, const Seq *s, TileBuf *buf)
     for (int t = d->q0 / TQ; t < d->ntiles; t++) tiles_bwd_one(d, s, t, buf);
 }
 
+/* The tiles t0..t1-1 split into n runs of about equal work (keys + TQ per tile): run r is
+ * tiles cut[r]..cut[r+1]-1. */
+static void split_tiles(const Desc *d, int t0, int t1, int n, int *cut)
+{
+    double total = 0, acc = 0;
+    for (int t = t0; t < t1; t++) {
+        total += TQ;
+        for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) total += d->iv[5 * (size_t)x + 2] - d->iv[5 * (size_t)x + 1];
+    }
+    cut[0] = t0;
+    int r = 1;
+    for (int t = t0; t < t1 && r < n; t++) {
+        acc += TQ;
+        for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) acc += d->iv[5 * (size_t)x + 2] - d->iv[5 * (size_t)x + 1];
+        while (r < n && acc >= total * r / n) cut[r++] = t + 1;
+    }
+    while (r <= n) cut[r++] = t1;
+}
+
+/* The key rows (of the sequence itself, view 0) that tiles t0..t1-1 read: [*lo, *hi). */
+static void key_range(const Desc *d, int t0, int t1, int *lo, int *hi)
+{
+    *lo = d->N;
+    *hi = 0;
+    for (int t = t0; t < t1; t++)
+        for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) {
+            const int *e = d->iv + 5 * (size_t)x;
+            if (e[0] == 0 && e[2] > e[1]) { *lo = imin(*lo, e[1]); *hi = imax(*hi, e[2]); }
+        }
+    if (*hi <= *lo) *lo = *hi = 0;
+}
+
+/* Backward of one sequence shared by the threads: each takes a run of tiles of about equal work.
+ * Thread 0 adds into dK, dV themselves; the others into private rows for the keys their tiles
+ * read (a band pattern's window past their run), added after all are done. (A private copy of
+ * all of dK and dV per thread took 1 GB at a million positions.) Gathered views: each thread's
+ * own dGk, dGv, scattered into dK, dV at the end. */
+static int tiles_backward_shared(const Desc *d, int nthreads, const Seq *all, float *dk, float *dv)
+{
+    size_t GH = (size_t)d->ng * HD;
+    int failed = 0, cut[257];
+#pragma omp parallel num_threads(imin(nthreads, 256)) reduction(| : failed)
+    {
+#pragma omp single
+        split_tiles(d, d->q0 / TQ, d->ntiles, omp_get_num_threads(), cut); /* the team as it came */
+        int me = omp_get_thread_num(), lo = 0, hi = 0;
+        if (me > 0) key_range(d, cut[me], cut[me + 1], &lo, &hi);
+        size_t rows = (size_t)(hi - lo);
+        TileBuf *buf = tilebuf_new(d->maxw);
+        float *P = calloc(2 * rows * HD + 2 * GH + 16, sizeof(float)); /* private dK, dV rows lo..hi-1, dGk, dGv */
+        if (!buf || !P) failed = 1;
+        Seq s = *all;
+        if (me > 0) { s.dk = P; s.dv = P + rows * HD; s.kbase = (size_t)lo; }
+        s.dGk = P + 2 * rows * HD;
+        s.dGv = s.dGk + GH;
+        if (buf && P)
+            for (int t = cut[me]; t < cut[me + 1]; t++) tiles_bwd_one(d, &s, t, buf);
+#pragma omp barrier
+        if (buf && P) {
+#pragma omp critical
+            {
+                for (size_t i = 0; me > 0 && i < rows * HD; i++) {
+                    dk[(size_t)lo * HD + i] += s.dk[i];
+                    dv[(size_t)lo * HD + i] += s.dv[i];
+                }
+                scatter_add_rows(dk, d->gpos, d->ng, s.dGk);
+                scatter_add_rows(dv, d->gpos, d->ng, s.dGv);
+            }
+        }
+        free(P);
+        tilebuf_free(buf);
+    }
+    return failed;
+}
+
 /* Backward. The tiles of one sequence add into the same key rows, so either each thread owns
- * whole sequences (BH >= threads), or the threads share one sequence, each with private key
- * and value gradients, summed after. Gathered views: their gradients are added to their rows. */
+ * whole sequences (BH >= threads), or the threads share one sequence (tiles_backward_shared).
+ * Gathered views: their gradients are added to their rows. */
 static int tiles_backward(const Desc *d, int BH, int nthreads, const float *q, const float *k, const float *v,
                           const float *dout, const float *lse, const float *delta, float *dq, float *dk, float *dv)
 {
@@ -801,7 +886,7 @@ static int tiles_backward(const Desc *d, int BH, int nthreads, const float *q, c
             for (long b = 0; b < BH; b++) {
                 if (!buf || !G) continue;
                 Seq s = {q + b * NQ * HD, k + b * NH, v + b * NH, dout + b * NQ * HD, lse + b * NQ, delta + b * NQ,
-                         G, G + GH, NULL, NULL, dq + b * NQ * HD, dk + b * NH, dv + b * NH, G + 2 * GH, G + 3 * GH};
+                         G, G + GH, NULL, NULL, dq + b * NQ * HD, dk + b * NH, dv + b * NH, G + 2 * GH, G + 3 * GH, 0};
                 gather_rows(s.k, d->gpos, d->ng, G);
                 gather_rows(s.v, d->gpos, d->ng, G + GH);
                 memset(G + 2 * GH, 0, sizeof(float) * 2 * GH);
@@ -819,25 +904,9 @@ static int tiles_backward(const Desc *d, int BH, int nthreads, const float *q, c
     for (long b = 0; b < BH && !failed; b++) {
         gather_rows(k + b * NH, d->gpos, d->ng, G);
         gather_rows(v + b * NH, d->gpos, d->ng, G + GH);
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-        {
-            TileBuf *buf = tilebuf_new(d->maxw);
-            float *P = calloc(2 * NH + 2 * GH + 16, sizeof(float)); /* private dK, dV, dGk, dGv */
-            if (!buf || !P) failed = 1;
-            Seq s = {q + b * NQ * HD, k + b * NH, v + b * NH, dout + b * NQ * HD, lse + b * NQ, delta + b * NQ,
-                     G, G + GH, NULL, NULL, dq + b * NQ * HD, P, P + NH, P + 2 * NH, P + 2 * NH + GH};
-#pragma omp for schedule(dynamic, 4)
-            for (int t = d->q0 / TQ; t < d->ntiles; t++)
-                if (buf && P) tiles_bwd_one(d, &s, t, buf);
-            if (buf && P) {
-                scatter_add_rows(s.dk, d->gpos, d->ng, s.dGk);
-                scatter_add_rows(s.dv, d->gpos, d->ng, s.dGv);
-#pragma omp critical
-                for (size_t i = 0; i < NH; i++) { dk[b * NH + i] += P[i]; dv[b * NH + i] += P[NH + i]; }
-            }
-            free(P);
-            tilebuf_free(buf);
-        }
+        Seq s = {q + b * NQ * HD, k + b * NH, v + b * NH, dout + b * NQ * HD, lse + b * NQ, delta + b * NQ,
+                 G, G + GH, NULL, NULL, dq + b * NQ * HD, dk + b * NH, dv + b * NH, NULL, NULL, 0};
+        failed |= tiles_backward_shared(d, nthreads, &s, dk + b * NH, dv + b * NH);
     }
     free(G);
     return failed;
