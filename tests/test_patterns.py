@@ -211,3 +211,10 @@ def test_a_pattern_added_in_one_file_works_everywhere(recwarn):
         model(x[:, :10], cache=cache)
         for t in range(10, 20):
             assert torch.allclose(model.step(x[:, t - 1], t, cache), full[:, t], atol=1e-4)
+
+
+def test_longformer_row_counts_with_scattered_globals():
+    """The closed form (window, globals before it, global queries) against the mask, globals anywhere."""
+    for p in (P.Longformer(4, (2, 3, 17, 40)), P.Longformer(1, (0,)), P.Longformer(9, 0)):
+        for n in (1, 3, 18, 64):
+            assert torch.equal(p.row_counts(n), p.mask(n).sum(1)), (p, n)

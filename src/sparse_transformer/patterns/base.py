@@ -42,12 +42,14 @@ class Pattern:
     def row_counts(self, n: int) -> torch.Tensor:
         """Number of keys each of the n queries attends, as an int64 tensor [n].
 
-        The default counts ``allowed`` in chunks of rows (O(n^2) work, O(n) memory); patterns
-        with a closed form override it."""
+        The default counts ``allowed`` in chunks of rows of about 2^20 pairs each (O(n^2) work,
+        O(n) memory: a predicate's intermediates stay tens of MB at any n); patterns with a closed
+        form override it."""
         check_int("n", n, 1)
         j = torch.arange(n)[None, :]
-        return torch.cat([self.allowed(torch.arange(a, min(n, a + 256))[:, None], j).sum(1)
-                          for a in range(0, n, 256)])
+        rows = max(1, (1 << 20) // n)
+        return torch.cat([self.allowed(torch.arange(a, min(n, a + rows))[:, None], j).sum(1)
+                          for a in range(0, n, rows)])
 
     def decomposition(self) -> list[tuple] | None:
         """The pattern as disjoint parts for the fused-SDPA decomposition (attention/plan.py, section

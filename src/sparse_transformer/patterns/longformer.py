@@ -49,6 +49,18 @@ class Longformer(Pattern):
         g = self.positions()
         return (j <= i) & ((i - j < self.window) | torch.isin(j, g) | torch.isin(i, g))
 
+    def row_counts(self, n):
+        """Query i: every earlier key if i is global, else its window and the global keys before it."""
+        check_int("n", n, 1)
+        i = torch.arange(n)
+        g = self.positions()
+        g = g[g < n]
+        window = torch.clamp(i + 1, max=self.window)
+        before = torch.searchsorted(g, i - self.window, right=True)  # global keys j <= i - window
+        is_global = torch.zeros(n, dtype=torch.bool)
+        is_global[g] = True
+        return torch.where(is_global, i + 1, window + before)
+
     def tiles(self, n: int, tile: int) -> Tiles:
         g = self.positions()
         runs = _runs(g[g < n].tolist())
