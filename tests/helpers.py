@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -48,19 +49,13 @@ def cli_here(*args) -> subprocess.CompletedProcess:
     from sparse_transformer.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    saved = os.environ.get("SPARSE_TRANSFORMER_NO_MALLOC_TUNING")
-    os.environ["SPARSE_TRANSFORMER_NO_MALLOC_TUNING"] = "1"  # leave the test process's malloc as it is
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(a) for a in args])
-            except SystemExit as e:  # argparse: usage errors exit 2, --help 0
-                code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    finally:
-        if saved is None:
-            os.environ.pop("SPARSE_TRANSFORMER_NO_MALLOC_TUNING")
-        else:
-            os.environ["SPARSE_TRANSFORMER_NO_MALLOC_TUNING"] = saved
+    # leave the test process's malloc as it is
+    with mock.patch.dict(os.environ, {"SPARSE_TRANSFORMER_NO_MALLOC_TUNING": "1"}), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: usage errors exit 2, --help 0
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 

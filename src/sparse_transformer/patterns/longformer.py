@@ -37,11 +37,15 @@ class Longformer(Pattern):
         g = self.global_positions
         return torch.arange(g) if isinstance(g, int) else torch.tensor(g, dtype=torch.long)
 
-    def mask_mod(self, n, device="cpu"):
-        is_global = torch.zeros(n, dtype=torch.bool)
+    def is_global(self, n: int) -> torch.Tensor:
+        """bool [n]: which of positions 0..n-1 are global."""
+        flags = torch.zeros(n, dtype=torch.bool)
         g = self.positions()
-        is_global[g[g < n]] = True
-        is_global = is_global.to(device)
+        flags[g[g < n]] = True
+        return flags
+
+    def mask_mod(self, n, device="cpu"):
+        is_global = self.is_global(n).to(device)
         return lambda i, j: (j <= i) & ((i - j < self.window) | is_global[j] | is_global[i])
 
     def allowed(self, i, j):
@@ -53,13 +57,9 @@ class Longformer(Pattern):
         """Query i: every earlier key if i is global, else its window and the global keys before it."""
         check_int("n", n, 1)
         i = torch.arange(n)
-        g = self.positions()
-        g = g[g < n]
         window = torch.clamp(i + 1, max=self.window)
-        before = torch.searchsorted(g, i - self.window, right=True)  # global keys j <= i - window
-        is_global = torch.zeros(n, dtype=torch.bool)
-        is_global[g] = True
-        return torch.where(is_global, i + 1, window + before)
+        before = torch.searchsorted(self.positions(), i - self.window, right=True)  # global keys j <= i - window
+        return torch.where(self.is_global(n), i + 1, window + before)
 
     def tiles(self, n: int, tile: int) -> Tiles:
         g = self.positions()

@@ -793,20 +793,23 @@ static void tiles_bwd_seq(const Desc *d, const Seq *s, TileBuf *buf)
     for (int t = d->q0 / TQ; t < d->ntiles; t++) tiles_bwd_one(d, s, t, buf);
 }
 
-/* The tiles t0..t1-1 split into n runs of about equal work (keys + TQ per tile): run r is
- * tiles cut[r]..cut[r+1]-1. */
+/* A tile's work, for splitting: its keys, plus TQ for what every tile costs. */
+static double tile_work(const Desc *d, int t)
+{
+    double w = TQ;
+    for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) w += d->iv[5 * (size_t)x + 2] - d->iv[5 * (size_t)x + 1];
+    return w;
+}
+
+/* The tiles t0..t1-1 split into n runs of about equal work: run r is tiles cut[r]..cut[r+1]-1. */
 static void split_tiles(const Desc *d, int t0, int t1, int n, int *cut)
 {
     double total = 0, acc = 0;
-    for (int t = t0; t < t1; t++) {
-        total += TQ;
-        for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) total += d->iv[5 * (size_t)x + 2] - d->iv[5 * (size_t)x + 1];
-    }
+    for (int t = t0; t < t1; t++) total += tile_work(d, t);
     cut[0] = t0;
     int r = 1;
     for (int t = t0; t < t1 && r < n; t++) {
-        acc += TQ;
-        for (int x = d->ptr[t]; x < d->ptr[t + 1]; x++) acc += d->iv[5 * (size_t)x + 2] - d->iv[5 * (size_t)x + 1];
+        acc += tile_work(d, t);
         while (r < n && acc >= total * r / n) cut[r++] = t + 1;
     }
     while (r <= n) cut[r++] = t1;
@@ -854,10 +857,11 @@ static int tiles_backward_shared(const Desc *d, int nthreads, const Seq *all, fl
         if (buf && P) {
 #pragma omp critical
             {
-                for (size_t i = 0; me > 0 && i < rows * HD; i++) {
-                    dk[(size_t)lo * HD + i] += s.dk[i];
-                    dv[(size_t)lo * HD + i] += s.dv[i];
-                }
+                if (me > 0)
+                    for (size_t i = 0; i < rows * HD; i++) {
+                        dk[(size_t)lo * HD + i] += s.dk[i];
+                        dv[(size_t)lo * HD + i] += s.dv[i];
+                    }
                 scatter_add_rows(dk, d->gpos, d->ng, s.dGk);
                 scatter_add_rows(dv, d->gpos, d->ng, s.dGv);
             }
