@@ -147,7 +147,7 @@ def test_one_spec_syntax_from_one_registry():
         with pytest.raises(ValueError, match=msg) as e:
             P.parse(bad)
         assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="known: bigbird:window:n_global:n_random_blocks:block:\[seed\], dense, dilated:window:dilation, "):
+    with pytest.raises(ValueError, match=r"known: bigbird:window:n_global:n_random_blocks:block:\[seed\], dense, dilated:window:dilation, "):
         P.parse("nope")
 
 
