@@ -8,7 +8,7 @@ import torch
 
 from . import distributed as dist
 from .config import RunConfig
-from .guard import RunLock
+from .guard import RunLock, Stopped
 from .trainer import Trainer
 
 
@@ -46,5 +46,10 @@ def train(cfg: RunConfig, *, resume: bool = False, show_progress: bool = True, e
                               force=force).train()
         ok = True
         return summary
+    except Stopped:
+        # A stop every process agreed on (the request rides on the loss all-reduce): rank 0 may still
+        # be writing the checkpoint, so leave together, as after a normal end.
+        ok = True
+        raise
     finally:
         dist.teardown(ws, ok)
