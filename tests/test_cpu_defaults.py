@@ -96,7 +96,7 @@ def test_short_ema_run_never_reports_worse_than_its_last_weights(tmp_path):
         ("model.n_ctx", "64"), ("model.d_model", "32"), ("model.n_layer", "2"), ("model.n_head", "2"),
         ("model.stride", "8"), ("train.batch_size", "4"), ("train.warmup", "2"), ("train.steps", "30"),
         ("train.eval_max_bytes", "3000"), ("train.sample_bytes", "0"), ("train.ema", "0.999"),
-        ("train.precision", "float32"), ("train.out_dir", str(tmp_path)),
+        ("train.precision", "float32"), ("train.out_dir", str(tmp_path)), ("train.dynamic_eval_lr", "0.2"),
     ])
     lines = []
     summary = train(cfg, show_progress=False, echo=lines.append)
@@ -108,3 +108,8 @@ def test_short_ema_run_never_reports_worse_than_its_last_weights(tmp_path):
     assert ema < last + 0.3, (ema, last)
     assert any(l.startswith("the same validation bytes: bzip2 -9") for l in lines)
     assert set(summary["compressors"]) == {"bz2", "xz", "zlib"}
+    # dynamic evaluation, from the same (EMA or last) weights, printed beside the compressors and logged
+    assert any(l.startswith("adapting as it reads, as the compressors do (dynamic evaluation, SGD at 0.2") for l in lines)
+    logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_bpb_dynamic" in l]
+    assert [e["val_bpb_dynamic"] for e in logged] == [summary["val_bits_per_dim_dynamic"]]
+    assert 0 < summary["val_bits_per_dim_dynamic"] < 9

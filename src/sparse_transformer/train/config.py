@@ -37,6 +37,10 @@ class TrainConfig:
     seed: int = 1234
     eval_every: int = 0  # 0 = only at the end
     eval_max_bytes: int = 0  # 0 = the whole split
+    # At the end of a text or audio run, also score the validation bytes with dynamic evaluation (the
+    # model takes an SGD step at this rate on each window after scoring it, as a compressor adapts to
+    # what it reads; Krause et al. 2018): printed beside the static figure. 0 = off.
+    dynamic_eval_lr: float = 0.0
     ckpt_every: int = 0  # 0 = only at the end
     time_limit: float = 0.0  # seconds of training (in all, over resumes); 0 = no limit
     schedule: str = "steps"  # steps: cosine over train.steps | time: cosine over train.time_limit seconds
@@ -124,6 +128,7 @@ FLOAT_RANGES = [
     ("ema", 0.0, 1.0, False, True),
     ("time_limit", 0.0, 1e9, False, False),
     ("dist_timeout", 0.0, 1e9, True, False),
+    ("dynamic_eval_lr", 0.0, 10.0, False, False),
 ]
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}

@@ -24,7 +24,7 @@ from ..sysutil import atomic_write_text, cpu_description, make_dirs
 from . import distributed as dist
 from .checkpoint import CKPT_NAME, atomic_torch_save, checkpoint_config, export_weights, keep_previous, load_checkpoint
 from .config import RunConfig, resolve
-from .evaluate import autocast_context, evaluate
+from .evaluate import autocast_context, evaluate, evaluate_dynamic
 from .guard import Divergence, StopSignals, check_finite, remove_stale_temps
 from .memory import check_fits, param_count, training_bytes
 from .metrics import MetricsLog
@@ -325,6 +325,8 @@ class Trainer:
             self.echo(f"the same validation bytes: bzip2 -9 {floor['bz2']:.3f}, xz -9 {floor['xz']:.3f} {unit} "
                       f"(the model: {res['bits_per_dim']:.3f}, "
                       f"{'better' if res['bits_per_dim'] < min(floor['bz2'], floor['xz']) else 'not better'} than both)")
+            if self.cfg.train.dynamic_eval_lr:
+                summary.update(self._evaluate_dynamic(final_step, floor, unit))
         if self.data.modality == "text" and self.cfg.train.sample_bytes and self.ws.main and not self.fsdp:
             summary["sample"] = self._sample()
             self.echo("sample:\n" + summary["sample"])
@@ -332,6 +334,28 @@ class Trainer:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
             self.log.close()
         return summary
+
+    def _evaluate_dynamic(self, step: int, floor: dict, unit: str) -> dict:
+        """The validation bytes scored once more with dynamic evaluation (``train.dynamic_eval_lr``), from
+        the weights the run is evaluated with; on rank 0 alone, since the adaptation is sequential."""
+        lr = self.cfg.train.dynamic_eval_lr
+        if self.fsdp:
+            self.echo("dynamic evaluation skipped: it needs the whole model in one process (train.parallel = fsdp)")
+            return {}
+        swap = bool(self.ema) and self.eval_with_ema
+        if swap:
+            self.ema.swap(self.model)
+        try:
+            dyn = evaluate_dynamic(self.model, self.val_data, lr=lr, grad_clip=self.cfg.train.grad_clip,
+                                   precision=self.precision, max_bytes=self.cfg.train.eval_max_bytes)
+        finally:
+            if swap:
+                self.ema.swap(self.model)
+        bits = dyn["bits_per_dim"]
+        self.log.log({"step": step, "val_bpb_dynamic": bits, "dynamic_eval_lr": lr})
+        self.echo(f"adapting as it reads, as the compressors do (dynamic evaluation, SGD at {lr:g} after each "
+                  f"window): {bits:.3f} {unit}, {'better' if bits < min(floor['bz2'], floor['xz']) else 'not better'} than both")
+        return {"val_bits_per_dim_dynamic": bits, "dynamic_eval_lr": lr}
 
     def _export(self, step: int) -> None:
         """model.safetensors + config.json: the weights the run is evaluated and sampled with."""
