@@ -50,11 +50,12 @@ def single(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_match_one(single, tmp_path):
-    r = torchrun(2, tmp_path / "ddp")
+    r = torchrun(2, tmp_path / "ddp", ("train.dynamic_eval_lr", "0.2"))
     a, b = losses(single), losses(tmp_path / "ddp")
     assert sorted(a) == sorted(b) == list(range(1, 21))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5, (a, b)
     assert r.stdout.count("validation:") == 1  # rank 0 alone prints
+    assert r.stdout.count("adapting as it reads") == 1  # dynamic evaluation on rank 0 while the other waits
     ckpt = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 20
 
