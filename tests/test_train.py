@@ -140,6 +140,14 @@ def test_cli_train_and_eval(tmp_path):
     assert r.returncode == 0, r.stderr
     bf = json.loads((tmp_path / "bf.json").read_text())
     assert bf["precision"] == "bfloat16" and abs(bf["bits_per_dim"] - res["bits_per_dim"]) < 0.05
+    r = cli_here("eval", str(tmp_path), "--max-bytes", "1000", "--dynamic", "0.2", "--json", str(tmp_path / "dyn.json"))
+    assert r.returncode == 0, r.stderr
+    assert "dynamic evaluation at 0.2" in r.stdout
+    dyn = json.loads((tmp_path / "dyn.json").read_text())
+    assert dyn["bytes"] == 1000 and dyn["dynamic_lr"] == 0.2 and dyn["bits_per_dim"] != res["bits_per_dim"]
+    for bad in ("-1", "nan"):
+        r = cli_here("eval", str(tmp_path), "--dynamic", bad)
+        assert r.returncode == 2 and "--dynamic must be a learning rate >= 0" in r.stderr
 
 
 @pytest.mark.parametrize(

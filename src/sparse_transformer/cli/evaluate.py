@@ -18,7 +18,7 @@ def add(sub) -> None:
                     help="autocast precision of the evaluation (default: the run's train.precision)")
     ev.add_argument("--dynamic", type=float, default=0.0, metavar="LR",
                     help="dynamic evaluation: after scoring each window the model takes one SGD step at this "
-                         "learning rate on it (0.2 suits the presets), so it adapts as it reads, like a compressor; "
+                         "learning rate on it (0.2 suits the quick preset's model), so it adapts as it reads, like a compressor; "
                          "windows run one at a time. Default 0: the model as it is")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--force", action="store_true", help="skip the check that the model fits in the device's available memory")
