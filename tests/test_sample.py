@@ -107,6 +107,20 @@ def test_bench_sample_smoke(tmp_path):
     assert r.returncode == 2 and "two or more ascending positions" in r.stderr
 
 
+@pytest.mark.slow
+def test_bench_sample_compiled_against_a_compiled_dense_cache():
+    from sparse_transformer.bench import sample as bs
+    from sparse_transformer.sysutil import compiler_trusted
+
+    if not compiler_trusted():
+        pytest.skip("compiled code is not trusted on this CPU (sysutil.compiler_trusted)")
+    res = bs.run(positions=(32, 64), gen_length=64, n_layer=1, d_model=32, n_head=2, stride=8, c=2,
+                 patterns=("fixed",), repeat=3, compile=True, progress=lambda *_: None)
+    row = res["results"][0]
+    assert row["tok_s_dense_cache_compiled"] > 0 and row["compiled_vs_dense_cache"] > 0
+    assert "x, both compiled" in bs.report(res)
+
+
 def test_image_data_shape_drives_the_model(tmp_path):
     tiny_images(tmp_path / "data")
     said = []

@@ -68,7 +68,8 @@ def _add_sample(bsub) -> None:
     sa.add_argument("--patterns", default="dense,strided,fixed")
     sa.add_argument("--no-malloc-tuning", action="store_true")
     sa.add_argument("--compile", action="store_true",
-                    help="also time the compiled decoding step (torch.compile, static shapes) at each position")
+                    help="also time the compiled decoding step (torch.compile, static shapes) at each position, "
+                         "and against the dense-cache baseline compiled the same way")
     sa.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH")
     sa.set_defaults(run=run_sample)
 
