@@ -24,7 +24,7 @@ def cpu_flags() -> str:
 
 def build_and_run(cc: str, flags: list[str], tmp_path: Path, runner: list[str] = ()) -> str:
     exe = tmp_path / "check"
-    # CH=40: the kernel takes a tile's keys in groups of 40 rows, not 1024, so that these small cases
+    # CH=40: the kernel takes a tile's keys in groups of 40 rows, not 2048, so that these small cases
     # cut intervals and carry the forward's softmax from group to group.
     for hd, extra in ((32, []), (48, []), (64, []), (32, ["-DCH=40"])):
         res = subprocess.run([cc, "-O2", "-std=gnu11", "-fopenmp", f"-DHD={hd}", *extra, *flags, str(CHECK), "-o",

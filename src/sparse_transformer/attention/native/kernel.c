@@ -639,11 +639,12 @@ typedef struct {
     size_t kbase; /* dk, dv hold the key rows from kbase on (a thread's private range) */
 } Seq;
 
-/* A tile's keys are taken in groups of at most CH rows, so that the scores of a group (CH x TQ floats,
- * 256 KB at TQ = 32) stay in the core's L2 cache between the products and the softmax. A tile of Fixed(1024, 32) at
- * a million positions reads 33,792 keys: its scores in one piece (4.3 MB) spilled to L3 and ran at 41% of
- * the matrix-product rate on an Intel Xeon. The forward carries its softmax from group to group (the
- * running maximum rescales the output, as in FlashAttention); the backward needs no carry. */
+/* A tile's keys are taken in groups of at most CH rows, so that the scores of a group (CH x TQ
+ * floats, 256 KB at TQ = 32) stay in the core's L2 cache between the products and the softmax. A
+ * tile of Fixed(1024, 32) at a million positions reads 33,792 keys: its scores in one piece (4.3 MB)
+ * spilled to L3 and ran at 41% of the matrix-product rate on an Intel Xeon. The forward carries its
+ * softmax from group to group (the running maximum rescales the output, as in FlashAttention); the
+ * backward needs no carry. */
 #ifndef CH
 #define CH 2048
 #endif
