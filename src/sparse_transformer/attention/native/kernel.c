@@ -111,7 +111,24 @@ static inline int imax(int a, int b) { return a > b ? a : b; }
 /* ------------------------------------------------------------------ GEMM
  * C[M][N] (+)= op(A)[M][K] B[K][N], N a multiple of VL, row-major with
  * leading dimensions; op(A) = A (gemm_nn) or A read transposed, A[k][m]
- * (gemm_tn). Register blocks of mb <= 8 rows x nvb <= 4 vectors (above). */
+ * (gemm_tn). Register blocks of mb <= 8 rows x nvb <= 4 vectors (above).
+ *
+ * A band (Rng) says that row i of C needs only the part [i + lo, i + hi] of
+ * the sum over K (RNG_K) or of the columns N (RNG_N); the rest of A or C is
+ * zero or unused. Inside a tile, query a attends keys [a + lo, a + hi] of a
+ * causal band (local positions), so a block of 6 rows reads 133 keys of
+ * Local(128)'s 159 instead of all of them; the scores a key block skips are
+ * masked by the softmax, which reads them under its masks only. */
+enum { RNG_ALL = 0, RNG_K = 1, RNG_N = 2 };
+typedef struct { int mode, lo, hi; } Rng;
+#define UNBOUNDED (1 << 29)
+static const Rng ALL = {RNG_ALL, 0, 0};
+
+/* Queries attend keys [a + lo, a + hi]: for products whose rows are the queries and K the keys... */
+static inline Rng q_rows(int lo, int hi) { return (Rng){RNG_K, lo, hi}; }
+/* ... and for those whose rows are the keys: the queries are the sum (RNG_K) or the columns (RNG_N). */
+static inline Rng k_rows(int mode, int lo, int hi) { return (Rng){mode, -hi, -lo}; }
+
 static inline __attribute__((always_inline)) void
 micro(int mb, int nvb, int at, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc, int acc)
 {
@@ -136,18 +153,33 @@ micro(int mb, int nvb, int at, int K, const float *A, int lda, const float *B, i
         }
 }
 
+/* The part [*x0, *x1) of 0..n that rows i..i+mb-1 need under band g (the whole of it for other modes). */
+static inline void band_part(Rng g, int mode, int i, int mb, int n, int *x0, int *x1)
+{
+    *x0 = 0;
+    *x1 = n;
+    if (g.mode != mode) return;
+    *x0 = imax(0, imin(n, i + g.lo));
+    *x1 = imax(*x0, imin(n, i + mb + g.hi));
+}
+
 /* One case per block shape the drivers can ask for: mb <= 8 rows, nvb <= 4. */
-#define MC(mb, nvb, at) case (mb) * 8 + (nvb): micro(mb, nvb, at, K, a, lda, b, ldb, c, ldc, acc); break;
+#define MC(mb, nvb, at) case (mb) * 8 + (nvb): micro(mb, nvb, at, k1 - k0, a, lda, b, ldb, c, ldc, acc); break;
 #define MC4(mb, at) MC(mb, 4, at) MC(mb, 3, at) MC(mb, 2, at) MC(mb, 1, at)
 #define GEMM(name, AT)                                                                              \
-static void name(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc, int acc) \
+static void name(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc, int acc, \
+                 Rng g)                                                                             \
 {                                                                                                   \
     int narrow = N <= 2 * VL, rs = narrow ? MR_NARROW : MR_WIDE, nvmax = narrow ? NV_NARROW : NV_WIDE; \
     for (int i = 0; i < M; i += rs) {                                                               \
-        int mb = imin(rs, M - i);                                                                   \
-        for (int j = 0; j < N; j += nvmax * VL) {                                                   \
-            int nvb = imin(nvmax, (N - j) / VL);                                                    \
-            const float *a = AT ? A + i : A + (size_t)i * lda, *b = B + j;                          \
+        int mb = imin(rs, M - i), k0, k1, n0, n1;                                                   \
+        band_part(g, RNG_K, i, mb, K, &k0, &k1);                                                    \
+        band_part(g, RNG_N, i, mb, N, &n0, &n1);                                                    \
+        n0 = n0 / VL * VL;                                                                          \
+        n1 = imin(N, (n1 + VL - 1) / VL * VL);                                                      \
+        for (int j = n0; j < n1; j += nvmax * VL) {                                                 \
+            int nvb = imin(nvmax, (n1 - j) / VL);                                                   \
+            const float *a = AT ? A + i + (size_t)k0 * lda : A + (size_t)i * lda + k0, *b = B + (size_t)k0 * ldb + j; \
             float *c = C + (size_t)i * ldc + j;                                                     \
             switch (mb * 8 + nvb) {                                                                 \
                 MC4(8, AT) MC4(7, AT) MC4(6, AT) MC4(5, AT)                                         \
@@ -360,26 +392,28 @@ typedef struct {
 } TileScratch;
 
 static void tile_fwd(const float *Qr, const float *Kr, const float *Vr, int rows, int W, TileScratch *ts,
-                     float *St, float *Or, float scale)
+                     float *St, float *Or, float scale, int qlo, int qhi)
 {
     transpose_tile(Qr, rows, ts->Qt, scale * LOG2E);
-    gemm_nn(W, TQ, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0);                 /* St = K Q^T      (W, TQ) */
+    gemm_nn(W, TQ, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0, k_rows(RNG_N, qlo, qhi));  /* St = K Q^T   (W, TQ) */
     softmax_cols(St, W, ts->lo, ts->hi, ts->lse, ts->inv);
-    gemm_tn(rows, HD, W, St, TQ, Vr, HD, Or, HD, 0);                  /* O = P V         (rows, HD) */
+    gemm_tn(rows, HD, W, St, TQ, Vr, HD, Or, HD, 0, q_rows(qlo, qhi));          /* O = P V      (rows, HD) */
     scale_rows(Or, rows, ts->inv);
 }
 
 static void tile_bwd(const float *Qr, const float *Kr, const float *Vr, const float *dOr, int rows, int W,
-                     TileScratch *ts, float *St, float *dPt, float *dQr, float *dKr, float *dVr, int ldd, float scale)
+                     TileScratch *ts, float *St, float *dPt, float *dQr, float *dKr, float *dVr, int ldd, float scale,
+                     int qlo, int qhi)
 {
+    Rng n = k_rows(RNG_N, qlo, qhi), k = k_rows(RNG_K, qlo, qhi);
     transpose_tile(Qr, rows, ts->Qt, scale * LOG2E);
     transpose_tile(dOr, rows, ts->dOt, 1.0f);
-    gemm_nn(W, TQ, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0);                 /* S^T  = K Q^T    (W, TQ) */
-    gemm_nn(W, TQ, HD, Vr, HD, ts->dOt, TQ, dPt, TQ, 0);               /* dP^T = V dO^T   (W, TQ) */
+    gemm_nn(W, TQ, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0, n);                 /* S^T  = K Q^T    (W, TQ) */
+    gemm_nn(W, TQ, HD, Vr, HD, ts->dOt, TQ, dPt, TQ, 0, n);               /* dP^T = V dO^T   (W, TQ) */
     grad_cols(St, dPt, W, ts->lo, ts->hi, scale, ts->lse, ts->delta);
-    gemm_tn(rows, HD, W, dPt, TQ, Kr, HD, dQr, ldd, 1);               /* dQ += dS K      (rows, HD) */
-    gemm_nn(W, HD, rows, St, TQ, dOr, HD, dVr, ldd, 1);               /* dV += P^T dO    (W, HD) */
-    gemm_nn(W, HD, rows, dPt, TQ, Qr, HD, dKr, ldd, 1);               /* dK += dS^T Q    (W, HD) */
+    gemm_tn(rows, HD, W, dPt, TQ, Kr, HD, dQr, ldd, 1, q_rows(qlo, qhi)); /* dQ += dS K      (rows, HD) */
+    gemm_nn(W, HD, rows, St, TQ, dOr, HD, dVr, ldd, 1, k);                /* dV += P^T dO    (W, HD) */
+    gemm_nn(W, HD, rows, dPt, TQ, Qr, HD, dKr, ldd, 1, k);                /* dK += dS^T Q    (W, HD) */
 }
 
 /* Column pass: the M = N / l positions c, c+l, ... of one column, gathered. */
@@ -398,12 +432,15 @@ static void gather(const float *X, int m0, int M, int l, int c, int q0, float *d
 static int first_query(const Shape *sh, int c) { return sh->q0 > c ? (sh->q0 - c + sh->l - 1) / sh->l : 0; }
 
 /* Queries m0..m0+TQ-1 of a column attend keys m-w < j <= m (w = 0: from 0), strictly before m
- * when strict; they are read from key j0 on. Returns the key count. */
-static int col_window(const Shape *sh, int m0, int M, TileScratch *ts, int *rows, int *j0)
+ * when strict; they are read from key j0 on. Returns the key count; query a attends the keys
+ * [a + *qlo, a + *qhi] of those read (its band for the products). */
+static int col_window(const Shape *sh, int m0, int M, TileScratch *ts, int *rows, int *j0, int *qlo, int *qhi)
 {
     int m1 = imin(m0 + TQ, M);
     *rows = m1 - m0;
     *j0 = sh->w > 0 ? imax(0, m0 - sh->w + 1) : 0;
+    *qlo = sh->w > 0 ? m0 - sh->w + 1 - *j0 : -UNBOUNDED;
+    *qhi = m0 - *j0 - (sh->strict ? 1 : 0);
     for (int a = 0; a < TQ; a++) {
         int m = m0 + a;
         ts->lo[a] = a < *rows ? (sh->w > 0 ? imax(0, m - sh->w + 1) : 0) - *j0 : 1;
@@ -423,9 +460,10 @@ static void col_fwd(const Shape *sh, const float *Q, const float *K, const float
     gather(K, 0, M, l, c, 0, Kc);
     gather(V, 0, M, l, c, 0, Vc);
     for (int m0 = ms; m0 < M; m0 += TQ) {
-        int rows, j0, W = col_window(sh, m0, M, ts, &rows, &j0);
+        int rows, j0, qlo, qhi, W = col_window(sh, m0, M, ts, &rows, &j0, &qlo, &qhi);
         if (W > 0) {
-            tile_fwd(Qc + (size_t)m0 * HD, Kc + (size_t)j0 * HD, Vc + (size_t)j0 * HD, rows, W, ts, St, Ot, sh->scale);
+            tile_fwd(Qc + (size_t)m0 * HD, Kc + (size_t)j0 * HD, Vc + (size_t)j0 * HD, rows, W, ts, St, Ot, sh->scale,
+                     qlo, qhi);
         } else {
             for (int a = 0; a < rows; a++) ts->lse[a] = -INFINITY;
         }
@@ -463,7 +501,7 @@ static void col_bwd(const Shape *sh, const float *Q, const float *K, const float
     gather(dO, ms, M, l, c, q0, dOc);
     for (int m = ms; m < M; m++) { Lc[m] = L[(size_t)m * l + c - q0]; Dc[m] = Dl[(size_t)m * l + c - q0]; }
     for (int m0 = ms; m0 < M; m0 += TQ) {
-        int rows, j0, W = col_window(sh, m0, M, ts, &rows, &j0);
+        int rows, j0, qlo, qhi, W = col_window(sh, m0, M, ts, &rows, &j0, &qlo, &qhi);
         if (W <= 0) continue;
         for (int a = 0; a < TQ; a++) {
             ts->lse[a] = a < rows ? Lc[m0 + a] : 0.f;
@@ -472,7 +510,7 @@ static void col_bwd(const Shape *sh, const float *Q, const float *K, const float
         /* The gradients add up in the column's own contiguous rows, not in dQ, dK, dV themselves, where a
          * column's rows lie l * HD floats apart (32 KB for l = 128: a few cache sets for all of them). */
         tile_bwd(Qc + (size_t)m0 * HD, Kc + (size_t)j0 * HD, Vc + (size_t)j0 * HD, dOc + (size_t)m0 * HD, rows, W, ts,
-                 St, dPt, dQc + (size_t)m0 * HD, dKc + (size_t)j0 * HD, dVc + (size_t)j0 * HD, HD, sh->scale);
+                 St, dPt, dQc + (size_t)m0 * HD, dKc + (size_t)j0 * HD, dVc + (size_t)j0 * HD, HD, sh->scale, qlo, qhi);
     }
     for (int m = 0; m < M; m++) { /* then once into column c of dQ, dK, dV: this thread owns it */
         float *dk = dK + ((size_t)m * l + c) * HD, *dv = dV + ((size_t)m * l + c) * HD;
@@ -716,16 +754,31 @@ static void segment(const Desc *d, const Seq *s, const int *e, const float **K, 
     }
 }
 
+/* The band of piece e for the tile at query r0: query a attends its keys [a + *qlo, a + *qhi]
+ * (unbounded unless e is a BAND interval of the sequence itself). */
+static void piece_band(const int *e, int r0, int *qlo, int *qhi)
+{
+    *qlo = -UNBOUNDED;
+    *qhi = UNBOUNDED;
+    if (e[0] == 0 && e[3] == IV_BAND) { /* kpos = e[1] + j <= qpos = r0 + a, and qpos - kpos < w */
+        *qhi = r0 - e[1];
+        if (e[4] > 0) *qlo = r0 - e[1] - e[4] + 1;
+    }
+}
+
 /* Out^T = X Y^T for the rows X of the pieces pc[0..np) (the keys, or the values with ``values``),
  * one piece after another: Out has a row per key, TQ columns. */
-static void products(const Desc *d, const Seq *s, const int *pc, int np, int values, const float *Yt, float *Out)
+static void products(const Desc *d, const Seq *s, const int *pc, int np, int r0, int values, const float *Yt,
+                     float *Out)
 {
     int j = 0;
     for (int x = 0; x < np; x++) {
         const int *e = pc + 5 * (size_t)x;
         const float *K, *V;
+        int qlo, qhi;
         segment(d, s, e, &K, &V, NULL, NULL);
-        gemm_nn(e[2] - e[1], TQ, HD, values ? V : K, HD, Yt, TQ, Out + (size_t)j * TQ, TQ, 0);
+        piece_band(e, r0, &qlo, &qhi);
+        gemm_nn(e[2] - e[1], TQ, HD, values ? V : K, HD, Yt, TQ, Out + (size_t)j * TQ, TQ, 0, k_rows(RNG_N, qlo, qhi));
         j += e[2] - e[1];
     }
 }
@@ -748,14 +801,17 @@ static void tiles_fwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
         const int *pc = b->pc + 5 * (size_t)b->gp[g];
         int np = b->gp[g + 1] - b->gp[g];
         int W = tile_masks(d, pc, np, r0, rows, b->full, b->Mt);
-        products(d, s, pc, np, 0, ts->Qt, b->St);  /* S^T = K Q^T */
+        products(d, s, pc, np, r0, 0, ts->Qt, b->St);  /* S^T = K Q^T */
         softmax_group(b->St, W, b->full, b->Mt, m, sum, ts->inv);
         if (g > 0) scale_rows(Or, rows, ts->inv);
         for (int x = 0, j = 0; x < np; x++) {
             const int *e = pc + 5 * (size_t)x;
             const float *K, *V;
+            int qlo, qhi;
             segment(d, s, e, &K, &V, NULL, NULL);
-            gemm_tn(rows, HD, e[2] - e[1], b->St + (size_t)j * TQ, TQ, V, HD, Or, HD, g > 0 || j > 0);  /* O += P V */
+            piece_band(e, r0, &qlo, &qhi);
+            gemm_tn(rows, HD, e[2] - e[1], b->St + (size_t)j * TQ, TQ, V, HD, Or, HD, g > 0 || j > 0,
+                    q_rows(qlo, qhi));  /* O += P V */
             j += e[2] - e[1];
         }
     }
@@ -782,18 +838,20 @@ static void tiles_bwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
         const int *pc = b->pc + 5 * (size_t)b->gp[g];
         int np = b->gp[g + 1] - b->gp[g];
         int W = tile_masks(d, pc, np, r0, rows, b->full, b->Mt);
-        products(d, s, pc, np, 0, ts->Qt, b->St);   /* S^T  = K Q^T  */
-        products(d, s, pc, np, 1, ts->dOt, b->dPt); /* dP^T = V dO^T */
+        products(d, s, pc, np, r0, 0, ts->Qt, b->St);   /* S^T  = K Q^T  */
+        products(d, s, pc, np, r0, 1, ts->dOt, b->dPt); /* dP^T = V dO^T */
         grad_masked(b->St, b->dPt, W, b->full, b->Mt, d->scale, ts->lse, ts->delta);
         for (int x = 0, j = 0; x < np; x++) {
             const int *e = pc + 5 * (size_t)x;
             const float *K, *V;
             float *dK, *dV;
-            int len = e[2] - e[1];
+            int len = e[2] - e[1], qlo, qhi;
             segment(d, s, e, &K, &V, &dK, &dV);
-            gemm_tn(rows, HD, len, b->dPt + (size_t)j * TQ, TQ, K, HD, dQr, HD, 1);  /* dQ += dS K    */
-            gemm_nn(len, HD, rows, b->St + (size_t)j * TQ, TQ, dOr, HD, dV, HD, 1);  /* dV += P^T dO  */
-            gemm_nn(len, HD, rows, b->dPt + (size_t)j * TQ, TQ, Qr, HD, dK, HD, 1);  /* dK += dS^T Q  */
+            piece_band(e, r0, &qlo, &qhi);
+            Rng q = q_rows(qlo, qhi), k = k_rows(RNG_K, qlo, qhi);
+            gemm_tn(rows, HD, len, b->dPt + (size_t)j * TQ, TQ, K, HD, dQr, HD, 1, q);  /* dQ += dS K    */
+            gemm_nn(len, HD, rows, b->St + (size_t)j * TQ, TQ, dOr, HD, dV, HD, 1, k);  /* dV += P^T dO  */
+            gemm_nn(len, HD, rows, b->dPt + (size_t)j * TQ, TQ, Qr, HD, dK, HD, 1, k);  /* dK += dS^T Q  */
             j += len;
         }
     }
