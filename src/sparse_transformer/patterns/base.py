@@ -25,6 +25,9 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
     return value
 
 
+COUNT_TILE = 32  # the tile of the description the default ``row_counts`` reads
+
+
 @dataclass(frozen=True)
 class Pattern:
     """Base class. Subclasses define ``allowed`` and ``row_counts``.
@@ -42,14 +45,13 @@ class Pattern:
     def row_counts(self, n: int) -> torch.Tensor:
         """Number of keys each of the n queries attends, as an int64 tensor [n].
 
-        The default counts ``allowed`` in chunks of rows of about 2^20 pairs each (O(n^2) work,
-        O(n) memory: a predicate's intermediates stay tens of MB at any n); patterns with a closed
-        form override it."""
+        The default reads the pattern's description (``tiles``, cached, at the AVX-512 kernel's tile of
+        32 queries): O(intervals) for a closed-form description, and no second pass over the pairs
+        for a predicate's; patterns with a closed form for the counts override it."""
+        from .tiles import describe
+
         check_int("n", n, 1)
-        j = torch.arange(n)[None, :]
-        rows = max(1, (1 << 20) // n)
-        return torch.cat([self.allowed(torch.arange(a, min(n, a + rows))[:, None], j).sum(1)
-                          for a in range(0, n, rows)])
+        return describe(self, n, COUNT_TILE).row_counts()
 
     def decomposition(self) -> list[tuple] | None:
         """The pattern as disjoint parts for the fused-SDPA decomposition (attention/plan.py, section

@@ -61,6 +61,42 @@ class Tiles:
         tile_of = torch.repeat_interleave(torch.arange(self.ntiles), (self.ptr[1:] - self.ptr[:-1]).long())
         return int(torch.zeros(self.ntiles, dtype=torch.long).index_add_(0, tile_of, lens).max())
 
+    def row_counts(self) -> torch.Tensor:
+        """int64 [n]: how many keys each query attends, read from the intervals (columns included).
+
+        O(intervals x tile) plus the MASK intervals' bytes: no predicate is evaluated."""
+        n, T = self.n, self.tile
+        counts = torch.zeros(n, dtype=torch.long)
+        iv = self.iv.long()
+        if iv.numel():
+            tile_of = torch.repeat_interleave(torch.arange(self.ntiles), (self.ptr[1:] - self.ptr[:-1]).long())
+            view, s, e, kind, arg = iv.unbind(1)
+            q = tile_of[:, None] * T + torch.arange(T)[None, :]  # (intervals, T) query positions
+            real = q < n
+            full = (e - s)[:, None].expand_as(q)
+            lo = torch.where(arg > 0, 0, -n)[:, None] + q - arg[:, None] + 1  # BAND: q - w < k <= q
+            band = (torch.minimum(e[:, None] - 1, q) - torch.maximum(s[:, None], lo) + 1).clamp(min=0)
+            simple = (kind == FULL) | ((kind == BAND) & (view == 0))
+            per = torch.where((kind == FULL)[:, None], full, band)
+            rows = (simple[:, None] & real).nonzero()
+            counts.index_add_(0, q[rows[:, 0], rows[:, 1]], per[rows[:, 0], rows[:, 1]])
+            for x in (~simple).nonzero().flatten().tolist():  # gathered bands and byte masks: row by row
+                t, (vw, a, b, kd, w) = int(tile_of[x]), iv[x].tolist()
+                qs = torch.arange(t * T, min(n, (t + 1) * T))
+                if kd == MASK:
+                    ok = self.masks[w : w + len(qs) * (b - a)].view(len(qs), b - a).bool()
+                else:
+                    k = self.gather[a:b].long() if vw else torch.arange(a, b)
+                    d = qs[:, None] - k[None, :]
+                    ok = (d >= 0) & ((d < w) if w > 0 else True)
+                counts[qs] += ok.sum(1)
+        if self.columns:  # query i attends i - m l for m = (1 if strict else 0) .. min(i // l, window - 1)
+            l, strict, window = self.columns
+            i = torch.arange(n)
+            top = i // l if not window else torch.clamp(i // l, max=window - 1)
+            counts += (top - int(strict) + 1).clamp(min=0)
+        return counts
+
     def coverage(self) -> torch.Tensor:
         """int32 [n, n]: how many times each (query, key) pair is computed, columns included.
 
