@@ -25,8 +25,9 @@ def cpu_flags() -> str:
 def build_and_run(cc: str, flags: list[str], tmp_path: Path, runner: list[str] = ()) -> str:
     exe = tmp_path / "check"
     # CH=40: the kernel takes a tile's keys in groups of 40 rows, not 2048, so that these small cases
-    # cut intervals and carry the forward's softmax from group to group.
-    for hd, extra in ((32, []), (48, []), (64, []), (32, ["-DCH=40"])):
+    # cut intervals and carry the forward's softmax from group to group. KC=8: the products over a
+    # tile's keys take them 8 at a time (not 128), slices that cut the causal bands.
+    for hd, extra in ((32, []), (48, []), (64, []), (32, ["-DCH=40"]), (48, ["-DKC=8"])):
         res = subprocess.run([cc, "-O2", "-std=gnu11", "-fopenmp", f"-DHD={hd}", *extra, *flags, str(CHECK), "-o",
                               str(exe), "-lm"], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr

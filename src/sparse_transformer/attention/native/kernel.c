@@ -163,20 +163,37 @@ static inline void band_part(Rng g, int mode, int i, int mb, int n, int *x0, int
     *x1 = imax(*x0, imin(n, i + mb + g.hi));
 }
 
+/* A product read transposed (P V, dS K: the sum runs over a tile's keys) takes its sum KC keys at a
+ * time, each slice for every block of rows, so that the slice of B (the values or keys, KC x HD) and
+ * of A stay in L1 while the row blocks reuse them: taken whole, a group of 2,048 keys was read from
+ * L2 once per block of rows. */
+#ifndef KC
+#define KC 128
+#endif
+
 /* One case per block shape the drivers can ask for: mb <= 8 rows, nvb <= 4. */
 #define MC(mb, nvb, at) case (mb) * 8 + (nvb): micro(mb, nvb, at, k1 - k0, a, lda, b, ldb, c, ldc, acc); break;
 #define MC4(mb, at) MC(mb, 4, at) MC(mb, 3, at) MC(mb, 2, at) MC(mb, 1, at)
-#define GEMM(name, AT)                                                                              \
-static void name(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc, int acc, \
-                 Rng g)                                                                             \
+/* RK: this driver takes bands over K (RNG_K); else over N (RNG_N). Fixed at compile time, so that a
+ * product over K = HD keeps its constant trip count (a band over K there cost 5% in Fixed's backward).
+ * name##_part sums over k0..k1-1 only. */
+#define GEMM(name, AT, RK)                                                                          \
+static void name##_part(int M, int N, int K, int kc0, int kc1, const float *A, int lda, const float *B, int ldb, \
+                        float *C, int ldc, int acc, Rng g)                                          \
 {                                                                                                   \
     int narrow = N <= 2 * VL, rs = narrow ? MR_NARROW : MR_WIDE, nvmax = narrow ? NV_NARROW : NV_WIDE; \
     for (int i = 0; i < M; i += rs) {                                                               \
-        int mb = imin(rs, M - i), k0, k1, n0, n1;                                                   \
-        band_part(g, RNG_K, i, mb, K, &k0, &k1);                                                    \
-        band_part(g, RNG_N, i, mb, N, &n0, &n1);                                                    \
-        n0 = n0 / VL * VL;                                                                          \
-        n1 = imin(N, (n1 + VL - 1) / VL * VL);                                                      \
+        int mb = imin(rs, M - i), k0 = kc0, k1 = kc1, n0 = 0, n1 = N;                               \
+        if (RK) {                                                                                   \
+            band_part(g, RNG_K, i, mb, K, &k0, &k1);                                                \
+            k0 = imax(k0, kc0);                                                                     \
+            k1 = imax(k0, imin(k1, kc1));                                                           \
+            if (k1 == k0 && acc) continue;                                                          \
+        } else {                                                                                    \
+            band_part(g, RNG_N, i, mb, N, &n0, &n1);                                                \
+            n0 = n0 / VL * VL;                                                                      \
+            n1 = imin(N, (n1 + VL - 1) / VL * VL);                                                  \
+        }                                                                                           \
         for (int j = n0; j < n1; j += nvmax * VL) {                                                 \
             int nvb = imin(nvmax, (n1 - j) / VL);                                                   \
             const float *a = AT ? A + i + (size_t)k0 * lda : A + (size_t)i * lda + k0, *b = B + (size_t)k0 * ldb + j; \
@@ -187,9 +204,22 @@ static void name(int M, int N, int K, const float *A, int lda, const float *B, i
             }                                                                                       \
         }                                                                                           \
     }                                                                                               \
+}                                                                                                   \
+static void name(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc, int acc, \
+                 Rng g)                                                                             \
+{                                                                                                   \
+    if (!AT || K <= KC) {                                                                           \
+        name##_part(M, N, K, 0, K, A, lda, B, ldb, C, ldc, acc, g);                                 \
+        return;                                                                                     \
+    }                                                                                               \
+    if (!acc)                                                                                       \
+        for (int r = 0; r < M; r++) memset(C + (size_t)r * ldc, 0, sizeof(float) * N);             \
+    for (int kc0 = 0; kc0 < K; kc0 += KC)                                                           \
+        name##_part(M, N, K, kc0, imin(K, kc0 + KC), A, lda, B, ldb, C, ldc, 1, g);                 \
 }
-GEMM(gemm_nn, 0)
-GEMM(gemm_tn, 1)
+GEMM(gemm_nn, 0, 0)   /* bands over the columns: the score products */
+GEMM(gemm_nk, 0, 1)   /* bands over the sum: dV += P^T dO, dK += dS^T Q */
+GEMM(gemm_tn, 1, 1)   /* bands over the sum: O = P V, dQ += dS K */
 
 /* dst[c][r] = mul * src[r][c] for r < R, c < HD (dst has TQ columns; columns R.. are zeroed).
  * Where the compiler has __builtin_shufflevector (Clang, GCC 12+), full VL x VL
@@ -412,8 +442,8 @@ static void tile_bwd(const float *Qr, const float *Kr, const float *Vr, const fl
     gemm_nn(W, TQ, HD, Vr, HD, ts->dOt, TQ, dPt, TQ, 0, n);               /* dP^T = V dO^T   (W, TQ) */
     grad_cols(St, dPt, W, ts->lo, ts->hi, scale, ts->lse, ts->delta);
     gemm_tn(rows, HD, W, dPt, TQ, Kr, HD, dQr, ldd, 1, q_rows(qlo, qhi)); /* dQ += dS K      (rows, HD) */
-    gemm_nn(W, HD, rows, St, TQ, dOr, HD, dVr, ldd, 1, k);                /* dV += P^T dO    (W, HD) */
-    gemm_nn(W, HD, rows, dPt, TQ, Qr, HD, dKr, ldd, 1, k);                /* dK += dS^T Q    (W, HD) */
+    gemm_nk(W, HD, rows, St, TQ, dOr, HD, dVr, ldd, 1, k);                /* dV += P^T dO    (W, HD) */
+    gemm_nk(W, HD, rows, dPt, TQ, Qr, HD, dKr, ldd, 1, k);                /* dK += dS^T Q    (W, HD) */
 }
 
 /* Column pass: the M = N / l positions c, c+l, ... of one column, gathered. */
@@ -850,8 +880,8 @@ static void tiles_bwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
             piece_band(e, r0, &qlo, &qhi);
             Rng q = q_rows(qlo, qhi), k = k_rows(RNG_K, qlo, qhi);
             gemm_tn(rows, HD, len, b->dPt + (size_t)j * TQ, TQ, K, HD, dQr, HD, 1, q);  /* dQ += dS K    */
-            gemm_nn(len, HD, rows, b->St + (size_t)j * TQ, TQ, dOr, HD, dV, HD, 1, k);  /* dV += P^T dO  */
-            gemm_nn(len, HD, rows, b->dPt + (size_t)j * TQ, TQ, Qr, HD, dK, HD, 1, k);  /* dK += dS^T Q  */
+            gemm_nk(len, HD, rows, b->St + (size_t)j * TQ, TQ, dOr, HD, dV, HD, 1, k);  /* dV += P^T dO  */
+            gemm_nk(len, HD, rows, b->dPt + (size_t)j * TQ, TQ, Qr, HD, dK, HD, 1, k);  /* dK += dS^T Q  */
             j += len;
         }
     }
