@@ -119,10 +119,9 @@ static inline int imax(int a, int b) { return a > b ? a : b; }
  * causal band (local positions), so a block of 6 rows reads 133 keys of
  * Local(128)'s 159 instead of all of them; the scores a key block skips are
  * masked by the softmax, which reads them under its masks only. */
-enum { RNG_ALL = 0, RNG_K = 1, RNG_N = 2 };
+enum { RNG_K = 1, RNG_N = 2 };
 typedef struct { int mode, lo, hi; } Rng;
-#define UNBOUNDED (1 << 29)
-static const Rng ALL = {RNG_ALL, 0, 0};
+#define UNBOUNDED (1 << 29) /* a side with no bound: lo = -UNBOUNDED, hi = UNBOUNDED */
 
 /* Queries attend keys [a + lo, a + hi]: for products whose rows are the queries and K the keys... */
 static inline Rng q_rows(int lo, int hi) { return (Rng){RNG_K, lo, hi}; }
