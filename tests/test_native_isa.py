@@ -26,8 +26,9 @@ def build_and_run(cc: str, flags: list[str], tmp_path: Path, runner: list[str] =
     exe = tmp_path / "check"
     # CH=40: the kernel takes a tile's keys in groups of 40 rows, not 2048, so that these small cases
     # cut intervals and carry the forward's softmax from group to group. KC=8: the products over a
-    # tile's keys take them 8 at a time (not 128), slices that cut the causal bands.
-    for hd, extra in ((32, []), (48, []), (64, []), (32, ["-DCH=40"]), (48, ["-DKC=8"])):
+    # tile's keys take them 8 at a time (not 128), slices that cut the causal bands. CG=3: the column
+    # pass takes columns 3 at a time, so that strides of 5, 10 and 13 end in a partial group.
+    for hd, extra in ((32, []), (48, []), (64, []), (32, ["-DCH=40"]), (48, ["-DKC=8", "-DCG=3"])):
         res = subprocess.run([cc, "-O2", "-std=gnu11", "-fopenmp", f"-DHD={hd}", *extra, *flags, str(CHECK), "-o",
                               str(exe), "-lm"], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
