@@ -103,21 +103,22 @@ def compiled_step(model: SparseTransformer, cache: ModelCache):
     """``step`` for positions t >= 1 through ``model.decode`` compiled once per model (kept on the
     model, so later calls reuse it): ``decode(prev, t)`` -> logits.
 
-    The step is compiled with dynamic shapes and the cache's stores marked static, so that the one
-    size that varies, the prefix a fixed or dense cache reads (``length`` = t + 1), stays symbolic:
-    one graph serves every position, and position 1,024 reads no more than it needs.
+    The step is compiled with PyTorch's automatic dynamic shapes: the first position gives a graph
+    with every size fixed, the second one a graph where only what changed, the prefix a fixed or
+    dense cache reads (``length`` = t + 1), is symbolic, and that graph serves every later position
+    (position 1,024 reads no more than it needs). The cache's tensors keep static shapes without
+    being marked: marking them (``dynamic=True`` plus ``mark_static``) added 200 guards on their
+    dimensions, and a step of the small benchmark model took 8-10% longer (BENCHMARKS.md).
     """
     if getattr(model, "_compiled_decode", None) is None:
-        model._compiled_decode = torch.compile(model.decode, fullgraph=True, dynamic=True)
-    for x in cache.tensors():
-        torch._dynamo.mark_static(x)
+        model._compiled_decode = torch.compile(model.decode, fullgraph=True, dynamic=None)
     device = next(model.parameters()).device
 
     def decode(prev: torch.Tensor, t: int) -> torch.Tensor:
         if not 1 <= t < model.cfg.n_ctx:
             raise ValueError(f"the compiled step decodes positions 1..{model.cfg.n_ctx - 1}, got {t}")
-        torch._dynamo.mark_static(prev)  # the batch too: only the prefix length is symbolic
-        return model._compiled_decode(prev, torch.tensor(t, device=device), cache, t + 1)
+        # contiguous: a column of the token buffer has its length as stride, a size the graph would key on
+        return model._compiled_decode(prev.contiguous(), torch.tensor(t, device=device), cache, t + 1)
     return decode
 
 
