@@ -330,8 +330,9 @@ class SparseTransformer(nn.Module):
         """``step`` for a position t >= 1 given as a 0-d int64 tensor: every shape is static, so
         ``torch.compile(model.decode, fullgraph=True)`` captures one graph for every position
         (``generate(..., compile=True)``). With ``length`` = t + 1 (a Python int), the fixed and
-        dense caches read only the prefix that t can see; compiled with dynamic shapes that is one
-        symbolic size, still one graph. The caller checks 1 <= t < n_ctx."""
+        dense caches read only the prefix that t can see; compiled with automatic dynamic shapes
+        that is one symbolic size, one graph for every position after the first. The caller checks
+        1 <= t < n_ctx."""
         return self._decode(self.tok(prev), t, cache, length)
 
     def _decode(self, h: torch.Tensor, t: int | torch.Tensor, cache: ModelCache, length: int | None = None) -> torch.Tensor:
