@@ -108,8 +108,8 @@ def compiled_step(model: SparseTransformer, cache: ModelCache):
     with every size fixed, the second one a graph where only what changed, the prefix a fixed or
     dense cache reads (``length`` = t + 1), is symbolic, and that graph serves every later position
     (position 1,024 reads no more than it needs). The cache's tensors keep static shapes without
-    being marked: marking them (``dynamic=True`` plus ``mark_static``) added 200 guards on their
-    dimensions, and a step of the small benchmark model took 8-10% longer (BENCHMARKS.md).
+    being marked: compiled with ``dynamic=True`` and the cache marked static instead, a step of the
+    small benchmark model took 8-12% longer (BENCHMARKS.md).
     """
     if getattr(model, "_compiled_decode", None) is None:
         model._compiled_decode = torch.compile(model.decode, fullgraph=True, dynamic=None)
