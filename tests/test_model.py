@@ -273,3 +273,13 @@ def test_prefill_then_decode_equals_the_full_forward(pattern, combine, extra):
             for t in range(plen, plen + 6):
                 got = m.step(x[:, t - 1], t, cache)
                 assert torch.allclose(got, full[:, t], atol=1e-4), (plen, t, (got - full[:, t]).abs().max())
+
+
+def test_new_cache_takes_dense_by_keyword_only():
+    """new_cache(1, 16384), a length where ``dense`` would be, is an error, not a silent dense cache."""
+    m = SparseTransformer(ModelConfig(n_ctx=64, d_model=32, n_layer=1, n_head=2, pattern="fixed", stride=8, c=2))
+    with pytest.raises(TypeError):
+        m.new_cache(1, 16384)
+    with pytest.raises(ValueError, match="batch"):
+        m.new_cache(0)
+    assert m.cache_bytes(m.new_cache(1)) < m.cache_bytes(m.new_cache(1, dense=True))

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import attention
 from ..attention.heads import head_groups
 from ..attention.kv_cache import DenseCache, LayerCache, ModelCache, make_cache
+from ..patterns.base import check_int
 from .config import ModelConfig
 
 
@@ -304,9 +305,12 @@ class SparseTransformer(nn.Module):
         lines = {explain_path(q, blk.attn.pattern) for blk in self.blocks}
         return "; ".join(sorted(lines))
 
-    def new_cache(self, batch: int, dense: bool = False) -> ModelCache:
-        """KV caches for every block that follow each block's pattern (see attention/kv_cache.py);
-        ``dense``: caches of every position read whole at each step (a baseline, not this model's attention)."""
+    def new_cache(self, batch: int, *, dense: bool = False) -> ModelCache:
+        """KV caches for every block that follow each block's pattern (see attention/kv_cache.py), for
+        ``n_ctx`` positions; ``dense``: caches of every position read whole at each step (a baseline,
+        not this model's attention). ``dense`` is keyword-only: ``new_cache(1, 16384)`` read as a
+        length would silently give the dense baseline."""
+        check_int("batch", batch, 1)
         like = next(self.parameters())
         return ModelCache([blk.attn.new_cache(batch, self.cfg.n_ctx, like, dense) for blk in self.blocks], batch)
 
