@@ -57,7 +57,7 @@ def _tile_entries(t: Tiles, block: int, gathered: bool):
     tile == block: view-0 FULL and BAND intervals as ranges, MASK intervals key by key, and the
     gathered keys (view 1) key by key at their positions, unless ``gathered`` (their own layout)."""
     T, n = t.tile, t.n
-    tile_of = torch.repeat_interleave(torch.arange(t.ntiles), (t.ptr[1:] - t.ptr[:-1]).long())
+    tile_of = t.tile_of
     view, s, e, kind, arg = (t.iv[:, c].long() for c in range(5))
     r0 = tile_of * T
     r1 = torch.clamp(r0 + T, max=n)
@@ -199,7 +199,7 @@ def _gathered(t: Tiles, block: int):
     g = view == 1
     if not g.any():
         return None
-    tile_of = torch.repeat_interleave(torch.arange(t.ntiles), (t.ptr[1:] - t.ptr[:-1]).long())[g]
+    tile_of = t.tile_of[g]
     if (kind[g] != FULL).any() or len(torch.unique(tile_of)) < len(tile_of):
         return None
     lo, hi = torch.zeros(t.ntiles, dtype=torch.long), torch.zeros(t.ntiles, dtype=torch.long)

@@ -53,13 +53,17 @@ class Tiles:
         return self.ptr.numel() - 1
 
     @functools.cached_property
+    def tile_of(self) -> torch.Tensor:
+        """int64 [n_iv]: the tile each interval belongs to."""
+        return torch.repeat_interleave(torch.arange(self.ntiles), (self.ptr[1:] - self.ptr[:-1]).long())
+
+    @functools.cached_property
     def max_keys(self) -> int:
         """The most keys one tile reads (the kernel's scratch size)."""
         if self.iv.numel() == 0:
             return 0
         lens = (self.iv[:, 2] - self.iv[:, 1]).long()
-        tile_of = torch.repeat_interleave(torch.arange(self.ntiles), (self.ptr[1:] - self.ptr[:-1]).long())
-        return int(torch.zeros(self.ntiles, dtype=torch.long).index_add_(0, tile_of, lens).max())
+        return int(torch.zeros(self.ntiles, dtype=torch.long).index_add_(0, self.tile_of, lens).max())
 
     def row_counts(self) -> torch.Tensor:
         """int64 [n]: how many keys each query attends, read from the intervals (columns included).
@@ -69,12 +73,12 @@ class Tiles:
         counts = torch.zeros(n, dtype=torch.long)
         iv = self.iv.long()
         if iv.numel():
-            tile_of = torch.repeat_interleave(torch.arange(self.ntiles), (self.ptr[1:] - self.ptr[:-1]).long())
+            tile_of = self.tile_of
             view, s, e, kind, arg = iv.unbind(1)
             q = tile_of[:, None] * T + torch.arange(T)[None, :]  # (intervals, T) query positions
             real = q < n
             full = (e - s)[:, None].expand_as(q)
-            lo = torch.where(arg > 0, 0, -n)[:, None] + q - arg[:, None] + 1  # BAND: q - w < k <= q
+            lo = torch.where(arg[:, None] > 0, q - arg[:, None] + 1, s[:, None])  # BAND w: q - w < k <= q
             band = (torch.minimum(e[:, None] - 1, q) - torch.maximum(s[:, None], lo) + 1).clamp(min=0)
             simple = (kind == FULL) | ((kind == BAND) & (view == 0))
             per = torch.where((kind == FULL)[:, None], full, band)

@@ -811,7 +811,7 @@ static int tile_groups(const Desc *d, int t, TileBuf *b)
 }
 
 /* The rows of interval e: keys, values and (backward) their gradient rows. */
-static void segment(const Desc *d, const Seq *s, const int *e, const float **K, const float **V, float **dK, float **dV)
+static void segment(const Seq *s, const int *e, const float **K, const float **V, float **dK, float **dV)
 {
     size_t off = (size_t)e[1] * HD;
     *K = (e[0] ? s->Gk : s->k) + off;
@@ -836,7 +836,7 @@ static void piece_band(const int *e, int r0, int *qlo, int *qhi)
 
 /* Out^T = X Y^T for the rows X of the pieces pc[0..np) (the keys, or the values with ``values``),
  * one piece after another: Out has a row per key, TQ columns. */
-static void products(const Desc *d, const Seq *s, const int *pc, int np, int r0, int values, const float *Yt,
+static void products(const Seq *s, const int *pc, int np, int r0, int values, const float *Yt,
                      float *Out)
 {
     int j = 0;
@@ -844,7 +844,7 @@ static void products(const Desc *d, const Seq *s, const int *pc, int np, int r0,
         const int *e = pc + 5 * (size_t)x;
         const float *K, *V;
         int qlo, qhi;
-        segment(d, s, e, &K, &V, NULL, NULL);
+        segment(s, e, &K, &V, NULL, NULL);
         piece_band(e, r0, &qlo, &qhi);
         gemm_nn(e[2] - e[1], TQ, HD, values ? V : K, HD, Yt, TQ, Out + (size_t)j * TQ, TQ, 0, k_rows(RNG_N, qlo, qhi));
         j += e[2] - e[1];
@@ -869,14 +869,14 @@ static void tiles_fwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
         const int *pc = b->pc + 5 * (size_t)b->gp[g];
         int np = b->gp[g + 1] - b->gp[g];
         int W = tile_masks(d, pc, np, r0, rows, b->full, b->Mt);
-        products(d, s, pc, np, r0, 0, ts->Qt, b->St);  /* S^T = K Q^T */
+        products(s, pc, np, r0, 0, ts->Qt, b->St);  /* S^T = K Q^T */
         softmax_group(b->St, W, b->full, b->Mt, m, sum, ts->inv);
         if (g > 0) scale_rows(Or, rows, ts->inv);
         for (int x = 0, j = 0; x < np; x++) {
             const int *e = pc + 5 * (size_t)x;
             const float *K, *V;
             int qlo, qhi;
-            segment(d, s, e, &K, &V, NULL, NULL);
+            segment(s, e, &K, &V, NULL, NULL);
             piece_band(e, r0, &qlo, &qhi);
             gemm_tn(rows, HD, e[2] - e[1], b->St + (size_t)j * TQ, TQ, V, HD, Or, HD, g > 0 || j > 0,
                     q_rows(qlo, qhi));  /* O += P V */
@@ -906,15 +906,15 @@ static void tiles_bwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
         const int *pc = b->pc + 5 * (size_t)b->gp[g];
         int np = b->gp[g + 1] - b->gp[g];
         int W = tile_masks(d, pc, np, r0, rows, b->full, b->Mt);
-        products(d, s, pc, np, r0, 0, ts->Qt, b->St);   /* S^T  = K Q^T  */
-        products(d, s, pc, np, r0, 1, ts->dOt, b->dPt); /* dP^T = V dO^T */
+        products(s, pc, np, r0, 0, ts->Qt, b->St);   /* S^T  = K Q^T  */
+        products(s, pc, np, r0, 1, ts->dOt, b->dPt); /* dP^T = V dO^T */
         grad_masked(b->St, b->dPt, W, b->full, b->Mt, d->scale, ts->lse, ts->delta);
         for (int x = 0, j = 0; x < np; x++) {
             const int *e = pc + 5 * (size_t)x;
             const float *K, *V;
             float *dK, *dV;
             int len = e[2] - e[1], qlo, qhi;
-            segment(d, s, e, &K, &V, &dK, &dV);
+            segment(s, e, &K, &V, &dK, &dV);
             piece_band(e, r0, &qlo, &qhi);
             Rng q = q_rows(qlo, qhi), k = k_rows(RNG_K, qlo, qhi);
             gemm_tn(rows, HD, len, b->dPt + (size_t)j * TQ, TQ, K, HD, dQr, HD, 1, q);  /* dQ += dS K    */
