@@ -60,18 +60,19 @@ def parse_cases(spec: str, n: int) -> list[tuple[str, P.Pattern | None]]:
 
 
 def _repeats(fn, device) -> int:
-    """Runs fn once (the warm-up) and says how many timed runs it deserves: 5 when one takes < 2 s,
-    3 when < 10 s, else 1."""
+    """Runs fn twice (warm-ups: the first may compile, as FlexAttention does on CUDA) and says from the
+    second how many timed runs it deserves: 20 when one takes < 50 ms, 5 when < 2 s, 3 when < 10 s, else 1."""
+    fn()
     sync(device)
     t = time.perf_counter()
     fn()
     sync(device)
-    first = time.perf_counter() - t
-    return 5 if first < 2 else 3 if first < 10 else 1
+    second = time.perf_counter() - t
+    return 20 if second < 0.05 else 5 if second < 2 else 3 if second < 10 else 1
 
 
 def _timed(fn, device) -> float:
-    """Median after a warmup run (``_repeats``)."""
+    """Median after two warm-up runs (``_repeats``)."""
     return time_it(fn, device, repeat=_repeats(fn, device), warmup=0)
 
 
