@@ -252,9 +252,15 @@ def block_masks(pattern: Pattern, n: int, block: int = BLOCK, device: str = "cpu
 # ------------------------------------------------------------------ attention
 @functools.cache
 def compiled_flex():
-    """``flex_attention`` compiled once (eager FlexAttention is a slow reference)."""
+    """``flex_attention`` compiled once (eager FlexAttention is a slow reference). Each pattern, layout
+    and length is a graph of its own, all on flex_attention's one code object, whose 8 graphs by default
+    (``recompile_limit``) two patterns at three lengths already pass: past it torch runs the eager
+    FlexAttention, which materializes the N x N scores. The limit is raised to 64 for this reason."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 64)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 512)
     return torch.compile(flex_attention, dynamic=False)
 
 
