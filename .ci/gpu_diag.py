@@ -27,22 +27,30 @@ def ref(q, k, v, allowed, scale):
     return (torch.softmax(s, -1).nan_to_num(0.0) @ v.float())
 
 
-g = torch.Generator(device="cuda").manual_seed(0)
-for p, n in ((P.Fixed(128, 32), 4096), (P.Fixed(32, 8), 4096), (P.Fixed(128, 32), 1024), (P.Fixed(128, 16), 4096)):
-    q, k, v = (torch.randn(1, 4, n, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+def check(p, n):
+    q, k, v, do = (torch.randn(1, 4, n, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
     lay = flex.block_masks(p, n, 128, "cuda")
-    for name, bm in (("tiles", lay.tiles), ("gathered", lay.gathered)):
-        kk, vv = (k, v) if name == "tiles" else (torch.nn.functional.pad(x[:, :, lay.gather], (0, 0, 0, bm.seq_lengths[1] - lay.gather.numel())) for x in (k, v))
-        want = ref(q, kk, vv, dense(bm, n), 0.125)
-        for how, f in (("compiled", compiled), ("eager", flex_attention)):
-            try:
-                got = f(q, kk, vv, block_mask=bm, scale=0.125).float()
-                print(f"{p!r} n={n} {name} {how}: max err {float((got - want).abs().max()):.3g}  kv {tuple(bm.kv_indices.shape)} "
-                      f"num {bm.kv_num_blocks.view(-1)[:6].tolist()} full {bm.full_kv_num_blocks.view(-1)[:6].tolist()}", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"{p!r} n={n} {name} {how}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-    whole = attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), p, backend="reference", scale=0.125)
-    for sep in (True, False):
-        with torch.no_grad():
-            got = flex.flex_attention_sparse(q, k, v, p, 0.125, separate_gather=sep)
-        print(f"{p!r} n={n} whole, separate_gather={sep}: max err {float((got.double().cpu() - whole).abs().max()):.3g}", flush=True)
+    bm = lay.gathered
+    kk, vv = (torch.nn.functional.pad(x[:, :, lay.gather], (0, 0, 0, bm.seq_lengths[1] - lay.gather.numel())) for x in (k, v))
+    want = ref(q, kk, vv, dense(bm, n), 0.125)
+    got = compiled(q, kk, vv, block_mask=bm, scale=0.125).float()
+    print(f"{p!r} n={n} keys {bm.seq_lengths[1]}: gathered layout compiled max err {float((got - want).abs().max()):.3g}", flush=True)
+    x64 = [t.double().cpu().requires_grad_() for t in (q, k, v)]
+    whole = attention(*x64, p, backend="reference", scale=0.125)
+    wg = torch.autograd.grad(whole, x64, do.double().cpu())
+    qc, kc, vc = (t.requires_grad_() for t in (q, k, v))
+    got = flex.flex_attention_sparse(qc, kc, vc, p, 0.125)
+    gg = torch.autograd.grad(got, (qc, kc, vc), do)
+    errs = [float((a.detach().double().cpu() - b).norm() / b.norm()) for a, b in zip((got, *gg), (whole, *wg))]
+    print(f"{p!r} n={n} keys {bm.seq_lengths[1]}: whole rel err out dq dk dv " + " ".join(f"{e:.1e}" for e in errs), flush=True)
+
+
+g = torch.Generator(device="cuda").manual_seed(0)
+for to_n in (True, False):
+    flex.GATHER_TO_N = to_n
+    flex.block_masks.cache_clear()
+    for p, n in ((P.Fixed(128, 32), 4096), (P.Fixed(128, 16), 8192)):
+        try:
+            check(p, n)
+        except Exception as e:  # noqa: BLE001
+            print(f"{p!r} n={n} GATHER_TO_N={to_n}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)

@@ -29,7 +29,8 @@ import torch
 from ..patterns import Pattern
 from ..patterns.tiles import BAND, FULL, MASK, Tiles, describe
 
-BLOCK = 128  # FlexAttention's default block; the smallest it accepts on CUDA is 16
+BLOCK = 128  # FlexAttention's default block, and the smallest its CUDA kernels took for D=64 on an H200
+GATHER_TO_N = True  # the gathered keys' call has as many keys as queries (see block_masks)
 
 
 # ------------------------------------------------------------------ block lists
@@ -237,7 +238,9 @@ def block_masks(pattern: Pattern, n: int, block: int = BLOCK, device: str = "cpu
                             _tile_mask_mod(pattern, n, t, gathered, device), device)
     if gathered is not None:
         entries, lo, hi = gathered
-        ng = -(-t.gather.numel() // block) * block
+        # the gathered keys padded to the sequence's length: on torch 2.11's CUDA kernels, a call with
+        # 1,024 keys against 4,096 queries came out wrong (eager right; 256 against 1,024 right too)
+        ng = n if GATHER_TO_N else -(-t.gather.numel() // block) * block
         lo_d, hi_d = lo.to(device), hi.to(device)
         gath = _block_mask(entries, n, block, lambda b, h, i, j: (j >= lo_d[i // block]) & (j < hi_d[i // block]),
                            device, n_kv=ng)
