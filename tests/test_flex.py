@@ -58,6 +58,24 @@ def test_block_masks_equal_create_block_mask(block, separate_gather):
                 assert _q_blocks(bm) == _blocks(bm), (p, n, block)
 
 
+@pytest.mark.parametrize("separate_gather", [False, True])
+def test_narrow_block_lists_have_one_width_for_partial_and_full(separate_gather):
+    """The lists CUDA gets (as wide as the most blocks of a row): the same blocks as the full-width ones,
+    and partial and full lists of one width, kv and q alike (FlexAttention reads them with one stride)."""
+    from sparse_transformer import patterns as P
+
+    block, narrower = 16, 0
+    for p in [*_cases(), P.Strided(32), P.Fixed(16, 4)]:
+        n = padded_length(p, 12 * block, block)
+        for narrow, wide in zip(_layouts(block_masks(p, n, block, "cpu", separate_gather, False)),
+                                _layouts(block_masks(p, n, block, "cpu", separate_gather, True))):
+            assert _blocks(narrow) == _blocks(wide) and _q_blocks(narrow) == _q_blocks(wide), p
+            assert narrow.kv_indices.shape == narrow.full_kv_indices.shape, p
+            assert narrow.q_indices.shape == narrow.full_q_indices.shape, p
+            narrower += narrow.kv_indices.shape[-1] < wide.kv_indices.shape[-1]
+    assert narrower > 10  # most layouts need fewer blocks a row than there are
+
+
 def test_fixed_reads_its_summary_columns_as_a_layout_of_its_own():
     """Off the CPU, Fixed's summary columns are gathered: its tiles layout is block-diagonal and its
     gathered layout is as long as the summaries, so the whole mask costs O(N / block) blocks."""
@@ -67,7 +85,7 @@ def test_fixed_reads_its_summary_columns_as_a_layout_of_its_own():
     lay = block_masks(P.Fixed(128, 16), n, block, "cpu", True)
     assert lay.columns is None and lay.merged
     assert int(lay.tiles.kv_num_blocks.sum() + lay.tiles.full_kv_num_blocks.sum()) == n // block
-    assert lay.gather.numel() == (n // 128 - 1) * 16 and lay.gathered.seq_lengths[1] == n  # padded to the queries' length
+    assert lay.gather.numel() == (n // 128 - 1) * 16 and lay.gathered.seq_lengths[1] == 2048  # a whole block
     inline = block_masks(P.Fixed(128, 16), n, block, "cpu", False)
     assert inline.gathered is None and not inline.merged
 
@@ -188,3 +206,24 @@ def test_flex_on_cuda_matches_reference_with_gradients(dtype, tol):
             assert err <= tol, (p, dtype, err)
         last = attention(qc[:, :, 700:], kc, vc, p, backend="flex")
         assert float((last.double().cpu() - want[:, :, 700:]).abs().max()) <= 50 * tol, p
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
+def test_flex_on_cuda_with_many_full_blocks(dtype, tol):
+    """The paper's patterns at lengths where rows hold several full blocks and fewer partial ones (at
+    N = 1,000 each row holds at most one full block). Fixed(128, 32) at 4,096 was wrong on an H200 when
+    the partial and full lists had different widths."""
+    from sparse_transformer import patterns as P
+
+    g = torch.Generator().manual_seed(0)
+    for p, n in ((P.Fixed(128, 32), 4096), (P.Strided(256), 4096), (P.Fixed(128, 16), 8192)):
+        q, k, v, do = (torch.randn(1, 2, n, 64, generator=g, dtype=torch.float64) for _ in range(4))
+        want = attention(*(t.requires_grad_() for t in (q, k, v)), p, backend="reference")
+        want_grads = torch.autograd.grad(want, (q, k, v), do)
+        qc, kc, vc = (t.detach().cuda().to(dtype).requires_grad_() for t in (q, k, v))
+        got = attention(qc, kc, vc, p, backend="flex")
+        grads = torch.autograd.grad(got, (qc, kc, vc), do.cuda().to(dtype))
+        for a, b in zip((got, *grads), (want, *want_grads)):
+            err = float((a.detach().double().cpu() - b).norm() / b.norm().clamp(min=1e-12))
+            assert err <= tol, (p, n, dtype, err)

@@ -30,7 +30,6 @@ from ..patterns import Pattern
 from ..patterns.tiles import BAND, FULL, MASK, Tiles, describe
 
 BLOCK = 128  # FlexAttention's default block, and the smallest its CUDA kernels took for D=64 on an H200
-GATHER_TO_N = True  # the gathered keys' call has as many keys as queries (see block_masks)
 
 
 # ------------------------------------------------------------------ block lists
@@ -115,24 +114,32 @@ def _column_entries(n: int, l: int, strict: bool, window: int, block: int):
     return _overlaps(qb[idx], lo, hi, lo, hi, all_lo, torch.maximum(all_hi, all_lo), block)
 
 
-def _lists(qb: torch.Tensor, kb: torch.Tensor, nq: int, nk: int, full_width: bool):
-    """Entries (query block, key block), unique, as FlexAttention's (num [1, 1, nq], indices [1, 1, nq, w]):
-    w the most blocks of a row (its kernels read only the first num of each row), or every block
-    with ``full_width`` (the CPU's compiled FlexAttention asks for that)."""
+def _lists(qb: torch.Tensor, kb: torch.Tensor, nq: int, width: int):
+    """Entries (query block, key block), unique, as FlexAttention's (num [1, 1, nq], indices [1, 1, nq, width]);
+    its kernels read only the first num of each row."""
     if len(qb) > 1 and not bool((qb[1:] >= qb[:-1]).all()):  # entries come in (row, column) order or by column
         order = torch.sort(qb, stable=True).indices
         qb, kb = qb[order], kb[order]
     num = torch.bincount(qb, minlength=nq)
-    width = nk if full_width else max(1, int(num.max())) if len(qb) else 1
     slot = torch.arange(len(qb)) - torch.repeat_interleave(torch.cumsum(num, 0) - num, num)
     idx = torch.zeros(nq, width, dtype=torch.int32)
     idx[qb, slot] = kb.to(torch.int32)
     return num.to(torch.int32)[None, None], idx[None, None]
 
 
-def _block_mask(entries, n: int, block: int, mask_mod, device, n_kv: int | None = None):
+def _width(rows: tuple[torch.Tensor, ...], n_rows: int) -> int:
+    """The most entries of a row over the partial and the full lists: both lists get this width.
+    FlexAttention's decoding kernel (torch 2.13) indexes the full list with the partial list's offsets,
+    and create_block_mask always gives both the same width. On an H200 with torch 2.11 (2026-12-04),
+    Fixed's summary layout came out wrong with widths 1 and 7 (or 3) and right with 1 and 1."""
+    return max([1] + [int(torch.bincount(r, minlength=n_rows).max()) for r in rows if len(r)])
+
+
+def _block_mask(entries, n: int, block: int, mask_mod, device, n_kv: int | None = None,
+                full_width: bool | None = None):
     """A BlockMask from (query block, key block, any, all) entries (several per pair are summed);
-    n queries, n_kv keys (default n)."""
+    n queries, n_kv keys (default n). Its lists are as wide as the most blocks of a row, or hold every
+    block with ``full_width`` (default: on the CPU, whose compiled FlexAttention asks for that)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     qb, kb, some, every = entries
@@ -147,11 +154,13 @@ def _block_mask(entries, n: int, block: int, mask_mod, device, n_kv: int | None 
     width = torch.clamp(n_kv - kb * block, max=block)  # keys in the block
     full = every == width
     part = (some > 0) & ~full
-    wide = torch.device(device).type == "cpu"
+    wide = torch.device(device).type == "cpu" if full_width is None else full_width
     qk = torch.stack([qb, kb])
     (qp, kp), (qf, kf) = (qk.index_select(1, torch.nonzero(m).flatten()) for m in (part, full))
-    kv = _lists(qp, kp, nb, nkb, wide) + _lists(qf, kf, nb, nkb, wide)
-    q = _lists(kp, qp, nkb, nb, wide) + _lists(kf, qf, nkb, nb, wide)
+    w_kv = nkb if wide else _width((qp, qf), nb)
+    w_q = nb if wide else _width((kp, kf), nkb)
+    kv = _lists(qp, kp, nb, w_kv) + _lists(qf, kf, nb, w_kv)
+    q = _lists(kp, qp, nkb, w_q) + _lists(kf, qf, nkb, w_q)
     kv, q = [t.to(device) for t in kv], [t.to(device) for t in q]
     return BlockMask(seq_lengths=(n, n_kv), kv_num_blocks=kv[0], kv_indices=kv[1], full_kv_num_blocks=kv[2],
                      full_kv_indices=kv[3], q_num_blocks=q[0], q_indices=q[1], full_q_num_blocks=q[2],
@@ -225,30 +234,29 @@ class Layouts:
 
 @functools.lru_cache(maxsize=64)
 def block_masks(pattern: Pattern, n: int, block: int = BLOCK, device: str = "cpu",
-                separate_gather: bool | None = None) -> Layouts:
+                separate_gather: bool | None = None, full_width: bool | None = None) -> Layouts:
     """The layouts of ``pattern`` over n positions (n a multiple of ``block``, and of the column stride
     if any). ``separate_gather``: the gathered keys as their own call (default: off the CPU, whose
-    compiled FlexAttention cannot merge calls); else they are read in place, in partial blocks."""
+    compiled FlexAttention cannot merge calls); else they are read in place, in partial blocks.
+    ``full_width``: block lists that hold every block (default: on the CPU only)."""
     t = describe(pattern, n, block)
     sep = torch.device(device).type != "cpu" if separate_gather is None else separate_gather
     gathered = _gathered(t, block) if sep else None
     tiles = gath = cols = gpos = None
     if t.iv.numel() and (gathered is None or bool((t.iv[:, 0] == 0).any())):
         tiles = _block_mask(_tile_entries(t, block, gathered is not None), n, block,
-                            _tile_mask_mod(pattern, n, t, gathered, device), device)
+                            _tile_mask_mod(pattern, n, t, gathered, device), device, full_width=full_width)
     if gathered is not None:
         entries, lo, hi = gathered
-        # the gathered keys padded to the sequence's length: on torch 2.11's CUDA kernels, a call with
-        # 1,024 keys against 4,096 queries came out wrong (eager right; 256 against 1,024 right too)
-        ng = n if GATHER_TO_N else -(-t.gather.numel() // block) * block
+        ng = -(-t.gather.numel() // block) * block
         lo_d, hi_d = lo.to(device), hi.to(device)
         gath = _block_mask(entries, n, block, lambda b, h, i, j: (j >= lo_d[i // block]) & (j < hi_d[i // block]),
-                           device, n_kv=ng)
+                           device, n_kv=ng, full_width=full_width)
         gpos = t.gather.long().to(device)
     if t.columns:
         l, strict, window = t.columns
         cols = _block_mask(_column_entries(n, l, strict, window, block), n, block,
-                           _column_mask_mod(n, l, strict, window), device)
+                           _column_mask_mod(n, l, strict, window), device, full_width=full_width)
     return Layouts(tiles, gath, gpos, cols, t.columns[0] if t.columns else 0)
 
 
