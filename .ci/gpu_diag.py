@@ -1,7 +1,7 @@
-"""Why Fixed(128, 32) on compiled CUDA FlexAttention was wrong (first GPU run, 2026-12-04): each layout
-alone, compiled and eager, against the dense mask that its block lists and mask_mod stand for."""
+"""Each FlexAttention layout alone, compiled, against the dense mask its block lists and mask_mod stand
+for, and the whole pattern's output and gradients against float64: at lengths where rows hold several
+full blocks (the first GPU run, 2026-12-04, found Fixed and Strided(256) wrong there; BENCHMARKS.md)."""
 import torch
-from torch.nn.attention.flex_attention import flex_attention
 
 from sparse_transformer import patterns as P
 from sparse_transformer.attention import attention, flex
@@ -30,11 +30,17 @@ def ref(q, k, v, allowed, scale):
 def check(p, n):
     q, k, v, do = (torch.randn(1, 4, n, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
     lay = flex.block_masks(p, n, 128, "cuda")
-    bm = lay.gathered
-    kk, vv = (torch.nn.functional.pad(x[:, :, lay.gather], (0, 0, 0, bm.seq_lengths[1] - lay.gather.numel())) for x in (k, v))
-    want = ref(q, kk, vv, dense(bm, n), 0.125)
-    got = compiled(q, kk, vv, block_mask=bm, scale=0.125).float()
-    print(f"{p!r} n={n} keys {bm.seq_lengths[1]}: gathered layout compiled max err {float((got - want).abs().max()):.3g}", flush=True)
+    for name, bm in (("tiles", lay.tiles), ("gathered", lay.gathered), ("columns", lay.columns)):
+        if bm is None:
+            continue
+        qq, kk, vv = q, k, v
+        if name == "gathered":
+            kk, vv = (torch.nn.functional.pad(x[:, :, lay.gather], (0, 0, 0, bm.seq_lengths[1] - lay.gather.numel()))
+                      for x in (k, v))
+        want = ref(qq, kk, vv, dense(bm, n), 0.125)
+        got = compiled(qq, kk, vv, block_mask=bm, scale=0.125).float()
+        print(f"{p!r} n={n} {name} layout compiled: max err {float((got - want).abs().max()):.3g} "
+              f"(widths {bm.kv_indices.shape[-1]}, {bm.full_kv_indices.shape[-1]})", flush=True)
     x64 = [t.double().cpu().requires_grad_() for t in (q, k, v)]
     whole = attention(*x64, p, backend="reference", scale=0.125)
     wg = torch.autograd.grad(whole, x64, do.double().cpu())
@@ -42,15 +48,12 @@ def check(p, n):
     got = flex.flex_attention_sparse(qc, kc, vc, p, 0.125)
     gg = torch.autograd.grad(got, (qc, kc, vc), do)
     errs = [float((a.detach().double().cpu() - b).norm() / b.norm()) for a, b in zip((got, *gg), (whole, *wg))]
-    print(f"{p!r} n={n} keys {bm.seq_lengths[1]}: whole rel err out dq dk dv " + " ".join(f"{e:.1e}" for e in errs), flush=True)
+    print(f"{p!r} n={n}: whole rel err out dq dk dv " + " ".join(f"{e:.1e}" for e in errs), flush=True)
 
 
 g = torch.Generator(device="cuda").manual_seed(0)
-for to_n in (True, False):
-    flex.GATHER_TO_N = to_n
-    flex.block_masks.cache_clear()
-    for p, n in ((P.Fixed(128, 32), 4096), (P.Fixed(128, 16), 8192)):
-        try:
-            check(p, n)
-        except Exception as e:  # noqa: BLE001
-            print(f"{p!r} n={n} GATHER_TO_N={to_n}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+for p, n in ((P.Fixed(128, 32), 4096), (P.Strided(256), 4096), (P.Fixed(128, 16), 8192)):
+    try:
+        check(p, n)
+    except Exception as e:  # noqa: BLE001
+        print(f"{p!r} n={n}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
