@@ -153,6 +153,42 @@ def test_layouts_and_merge_with_a_stand_in_give_the_reference():
             torch.testing.assert_close(a, b, msg=lambda m: f"{p}: {m}")
 
 
+@pytest.mark.slow
+def test_layouts_and_merge_compiled_as_one_graph():
+    """What CUDA runs by default: the transposes, the calls and the merge compiled as one graph (here
+    over the stand-in), outputs and gradients equal to the reference, for a merge of band and columns
+    and one of a block and its gathered summary columns."""
+    import collections
+    import functools
+
+    from sparse_transformer import patterns as P
+    from sparse_transformer.attention.flex import _layouts_attention
+
+    def traceable_stand_in(q, k, v, block_mask, scale, return_aux=None):  # its mask built beforehand
+        s = (q @ k.transpose(-1, -2) * scale).masked_fill(~block_mask.dense, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        p = torch.where(block_mask.dense, torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+        return (p @ v, Aux(lse)) if return_aux is not None else p @ v
+
+    Aux = collections.namedtuple("Aux", "lse")
+    # traced by dynamo and AOT autograd as in a compile, run without inductor's C++ build (45 s here)
+    run = torch.compile(functools.partial(_layouts_attention, flex=traceable_stand_in), dynamic=False,
+                        backend="aot_eager", fullgraph=True)
+    g = torch.Generator().manual_seed(2)
+    for p in (P.Strided(16), P.Fixed(16, 4)):
+        n = padded_length(p, 160, 16)
+        lay = block_masks(p, n, 16, "cpu", True)
+        assert lay.merged
+        for bm in _layouts(lay):
+            bm.dense = _dense(bm, n)
+        q, k, v, do = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4))
+        got = run(q, k, v, lay.tiles, lay.gathered, lay.gather, lay.columns, lay.stride, 0.3)
+        want = attention(q, k, v, p, backend="reference", scale=0.3)
+        for a, b in zip((got, *torch.autograd.grad(got, (q, k, v), do)),
+                        (want, *torch.autograd.grad(want, (q, k, v), do))):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{p}: {m}")
+
+
 def _masked_reference(q, k, v, allowed, scale):
     s = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
@@ -176,6 +212,10 @@ def test_compiled_flex_forward_on_the_cpu_equals_reference():
             got = flex_attention_sparse(q, k, v, p, 0.25, block=block, flex=compiled)
         want = attention(q, k, v, p, backend="reference", scale=0.25)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=lambda m: f"{p}: {m}")
+        if p != P.StridedColumns(64):  # and backend flex: the whole path compiled as one graph
+            with torch.no_grad():
+                got = attention(q[:, :, 100:], k, v, p, backend="flex", scale=0.25)
+            torch.testing.assert_close(got, want[:, :, 100:], atol=2e-5, rtol=2e-5, msg=lambda m: f"{p}: {m}")
     q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
     for bm in _layouts(block_masks(P.Strided(64), n, block)) + _layouts(block_masks(P.Fixed(64, 8), n, block,
                                                                                       "cpu", True)):

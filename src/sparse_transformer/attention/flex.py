@@ -261,18 +261,34 @@ def block_masks(pattern: Pattern, n: int, block: int = BLOCK, device: str = "cpu
 
 
 # ------------------------------------------------------------------ attention
-@functools.cache
-def compiled_flex():
-    """``flex_attention`` compiled once (eager FlexAttention is a slow reference). Each pattern, layout
-    and length is a graph of its own, all on flex_attention's one code object, whose 8 graphs by default
-    (``recompile_limit``) two patterns at three lengths already pass: past it torch runs the eager
-    FlexAttention, which materializes the N x N scores. The limit is raised to 64 for this reason."""
-    from torch.nn.attention.flex_attention import flex_attention
-
+def _raise_recompile_limit() -> None:
+    """Each pattern, layout and length is a graph of its own, and they all share one code object (of
+    flex_attention, or of ``_layouts_attention``). Torch allows 8 graphs by default (``recompile_limit``),
+    and two patterns at three lengths already pass that. Past it, torch runs the eager FlexAttention, which
+    materializes the N x N scores. So the limit is raised to 64."""
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, 64)
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 512)
+
+
+@functools.cache
+def compiled_flex():
+    """``flex_attention`` compiled once (eager FlexAttention is a slow reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    _raise_recompile_limit()
     return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def compiled_layouts():
+    """``_layouts_attention`` on the plain ``flex_attention``, compiled as one graph: the transposes, the
+    calls and the merge. Eagerly, these cost about 0.8 ms per forward on an H200 (the first GPU run,
+    BENCHMARKS.md), more than the sparse kernels at 16k."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    _raise_recompile_limit()
+    return torch.compile(functools.partial(_layouts_attention, flex=flex_attention), dynamic=False)
 
 
 def _call(flex, q, k, v, bm, scale, lse: bool):
@@ -299,26 +315,24 @@ def padded_length(pattern: Pattern, n: int, block: int = BLOCK) -> int:
     return -(-n // step) * step
 
 
-def flex_attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float,
-                          *, block: int = BLOCK, flex=None, separate_gather: bool | None = None) -> torch.Tensor:
-    """``pattern`` on FlexAttention: q, k, v [B, H, N, D] (N already padded, see ``padded_length``);
-    one call per layout, merged through the log-sum-exps. ``flex`` stands in for ``flex_attention``
-    (signature and return values alike), for tests; default the compiled one."""
-    flex = flex or compiled_flex()
+def _layouts_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles, gathered, gather, columns,
+                       stride: int, scale: float, *, flex) -> torch.Tensor:
+    """One ``flex`` call per layout (``Layouts``' fields), merged through the log-sum-exps:
+    q, k, v (B, H, N, D)."""
     B, H, N, D = q.shape
-    lay = block_masks(pattern, N, block, str(q.device), separate_gather)
-    merge, parts = lay.merged, []
-    if lay.tiles is not None:
-        parts.append(_call(flex, q, k, v, lay.tiles, scale, merge))
-    if lay.gathered is not None:
-        pad = lay.gathered.seq_lengths[1] - lay.gather.numel()
-        kg, vg = (torch.nn.functional.pad(x[:, :, lay.gather], (0, 0, 0, pad)) for x in (k, v))
-        parts.append(_call(flex, q, kg, vg, lay.gathered, scale, merge))
-    if lay.columns is not None:
-        l, M = lay.stride, N // lay.stride
-        # [B, H, M, l, D] -> [B, H, l, M, D]: each column becomes a contiguous run (section 5.5)
+    merge = sum(x is not None for x in (tiles, gathered, columns)) > 1
+    parts = []
+    if tiles is not None:
+        parts.append(_call(flex, q, k, v, tiles, scale, merge))
+    if gathered is not None:
+        pad = gathered.seq_lengths[1] - gather.numel()
+        kg, vg = (torch.nn.functional.pad(x[:, :, gather], (0, 0, 0, pad)) for x in (k, v))
+        parts.append(_call(flex, q, kg, vg, gathered, scale, merge))
+    if columns is not None:
+        l, M = stride, N // stride
+        # (B, H, M, l, D) -> (B, H, l, M, D): each column becomes a contiguous run (section 5.5)
         qt, kt, vt = (x.view(B, H, M, l, D).transpose(2, 3).reshape(B, H, N, D) for x in (q, k, v))
-        o, lse = _call(flex, qt, kt, vt, lay.columns, scale, merge)
+        o, lse = _call(flex, qt, kt, vt, columns, scale, merge)
         parts.append((o.view(B, H, l, M, D).transpose(2, 3).reshape(B, H, N, D),
                       lse.view(B, H, l, M).transpose(2, 3).reshape(B, H, N) if merge else None))
     if not merge:
@@ -329,6 +343,17 @@ def flex_attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
     safe = torch.where(torch.isfinite(lse), lse, 0.0)  # no key in any layout: output 0
     w = torch.exp(lses - safe)[..., None]
     return sum(o.to(acc) * w[x] for x, (o, _) in enumerate(parts)).to(q.dtype)
+
+
+def flex_attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float,
+                          *, block: int = BLOCK, flex=None, separate_gather: bool | None = None) -> torch.Tensor:
+    """``pattern`` on FlexAttention: q, k, v (B, H, N, D), N already padded (see ``padded_length``).
+    There is one call per layout, merged through the log-sum-exps. By default the whole is one compiled
+    graph. ``flex`` stands in for ``flex_attention`` and is then called eagerly: for tests, with the same
+    signature and return values."""
+    lay = block_masks(pattern, q.shape[2], block, str(q.device), separate_gather)
+    run = compiled_layouts() if flex is None else functools.partial(_layouts_attention, flex=flex)
+    return run(q, k, v, lay.tiles, lay.gathered, lay.gather, lay.columns, lay.stride, scale)
 
 
 # ------------------------------------------------------------------ the backend
