@@ -36,26 +36,34 @@ BLOCK = 128  # FlexAttention's default block, and the smallest its CUDA kernels 
 def _expand(first: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entry x stands for the values first[x] .. first[x] + count[x] - 1: (entry, value) of each."""
     idx = torch.repeat_interleave(count)
-    return idx, first.index_select(0, idx) + torch.arange(len(idx)) - (torch.cumsum(count, 0) - count).index_select(0, idx)
+    start = torch.cumsum(count, 0) - count
+    return idx, (first - start).index_select(0, idx) + torch.arange(len(idx), device=idx.device)
 
 
 def _overlaps(tile: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, any_lo: torch.Tensor, any_hi: torch.Tensor,
-              all_lo: torch.Tensor, all_hi: torch.Tensor, block: int):
+              all_lo: torch.Tensor, all_hi: torch.Tensor, block: int, device=None):
     """For key ranges [lo, hi) of tiles (empty ones skipped), one entry per key block they touch:
     (tile, key block, keys some query of the tile attends there (> 0 or not), keys every query attends
-    there)."""
+    there), on ``device`` (default: the inputs'), where the work of expanding the ranges is done."""
+    tile, lo, hi, any_lo, any_hi, all_lo, all_hi = (x.to(device) for x in
+                                                    (tile, lo, hi, any_lo, any_hi, all_lo, all_hi))
     b0 = lo // block
     idx, kb = _expand(b0, torch.where(hi > lo, (hi - 1) // block + 1 - b0, 0))
-    k0, k1 = kb * block, kb * block + block
-    tile, any_lo, any_hi, all_lo, all_hi = torch.stack([tile, any_lo, any_hi, all_lo, all_hi]).index_select(1, idx)
-    return (tile, kb, (torch.minimum(any_hi, k1) - torch.maximum(any_lo, k0)).clamp(min=0),
-            (torch.minimum(all_hi, k1) - torch.maximum(all_lo, k0)).clamp(min=0))
+    k0 = kb * block
+
+    def keys(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # of [lo, hi), in each entry's block
+        end = (hi.index_select(0, idx) - k0).clamp(max=block)
+        return (end - (lo.index_select(0, idx) - k0).clamp(min=0)).clamp(min=0)
+
+    some, every = keys(any_lo, any_hi), keys(all_lo, all_hi)
+    return tile.index_select(0, idx), kb, some, every
 
 
-def _tile_entries(t: Tiles, block: int, gathered: bool):
+def _tile_entries(t: Tiles, block: int, gathered: bool, device=None):
     """(tile, key block, any keys, all keys) for every interval of a description built with
     tile == block: view-0 FULL and BAND intervals as ranges, MASK intervals key by key, and the
-    gathered keys (view 1) key by key at their positions, unless ``gathered`` (their own layout)."""
+    gathered keys (view 1) key by key at their positions, unless ``gathered`` (their own layout).
+    The intervals are read on the CPU; the entries are made on ``device``."""
     T, n = t.tile, t.n
     tile_of = t.tile_of
     view, s, e, kind, arg = (t.iv[:, c].long() for c in range(5))
@@ -71,7 +79,7 @@ def _tile_entries(t: Tiles, block: int, gathered: bool):
     all_hi = torch.where(band, r0 + 1, torch.where(kind == FULL, e, s))
     rng = (view == 0) & (kind != MASK)
     ranges = _overlaps(tile_of, s, torch.where(rng, e, s), torch.maximum(any_lo, s), torch.minimum(any_hi, e),
-                       torch.maximum(all_lo, s), torch.minimum(all_hi, e), block)  # the others: empty ranges
+                       torch.maximum(all_lo, s), torch.minimum(all_hi, e), block, device)  # the others: empty
     # key by key: gathered keys (view 1) and the MASK intervals' columns
     singles = (kind == MASK) & (view == 0) if gathered else ~rng | (kind == MASK)
     parts = [ranges]
@@ -90,11 +98,12 @@ def _tile_entries(t: Tiles, block: int, gathered: bool):
             if arg[x] > 0:
                 ok &= q - pos[None, :] < int(arg[x])
             some, every = ok.any(0), ok.all(0)
-        parts.append((torch.full_like(pos, int(tile_of[x])), pos // block, some.long(), every.long()))
+        parts.append(tuple(c.to(device) for c in (torch.full_like(pos, int(tile_of[x])), pos // block, some.long(),
+                                                   every.long())))
     return [torch.cat(c) for c in zip(*parts)]
 
 
-def _column_entries(n: int, l: int, strict: bool, window: int, block: int):
+def _column_entries(n: int, l: int, strict: bool, window: int, block: int, device=None):
     """The columns layout in transposed coordinates p = c * (n / l) + m: query p attends the earlier
     positions of its own run of M = n / l (strictly earlier when ``strict``), the nearest ``window``."""
     M, s = n // l, int(strict)
@@ -111,20 +120,20 @@ def _column_entries(n: int, l: int, strict: bool, window: int, block: int):
     whole = (a == r0[idx]) & (b == r1[idx])  # one run covers the block, every row with keys
     all_lo = torch.where(whole, torch.maximum(S, b - w), hi)
     all_hi = torch.where(whole, a - s + 1, lo)
-    return _overlaps(qb[idx], lo, hi, lo, hi, all_lo, torch.maximum(all_hi, all_lo), block)
+    return _overlaps(qb[idx], lo, hi, lo, hi, all_lo, torch.maximum(all_hi, all_lo), block, device)
 
 
 def _lists(qb: torch.Tensor, kb: torch.Tensor, nq: int, width: int):
     """Entries (query block, key block), unique, as FlexAttention's (num [1, 1, nq], indices [1, 1, nq, width]);
     its kernels read only the first num of each row."""
     if len(qb) > 1 and not bool((qb[1:] >= qb[:-1]).all()):  # entries come in (row, column) order or by column
-        order = torch.sort(qb, stable=True).indices
-        qb, kb = qb[order], kb[order]
+        order = torch.sort(qb.to(torch.int32), stable=True).indices  # int32 keys: a faster sort
+        qb, kb = qb.index_select(0, order), kb.index_select(0, order)
     num = torch.bincount(qb, minlength=nq)
-    slot = torch.arange(len(qb)) - torch.repeat_interleave(torch.cumsum(num, 0) - num, num)
-    idx = torch.zeros(nq, width, dtype=torch.int32)
-    idx[qb, slot] = kb.to(torch.int32)
-    return num.to(torch.int32)[None, None], idx[None, None]
+    slot = torch.arange(len(qb), device=qb.device) - torch.repeat_interleave(torch.cumsum(num, 0) - num, num)
+    idx = torch.zeros(nq * width, dtype=torch.int32, device=qb.device)
+    idx.index_copy_(0, qb * width + slot, kb.to(torch.int32))
+    return num.to(torch.int32)[None, None], idx.view(1, 1, nq, width)
 
 
 def _width(rows: tuple[torch.Tensor, ...], n_rows: int) -> int:
@@ -148,8 +157,8 @@ def _block_mask(entries, n: int, block: int, mask_mod, device, n_kv: int | None 
     key = qb * nkb + kb
     if len(key) > 1 and not bool((key[1:] > key[:-1]).all()):  # a pair met twice, or out of order: sum them
         uniq, inv = torch.unique(key, return_inverse=True)
-        some = torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, some)
-        every = torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, every)
+        some = torch.zeros(len(uniq), dtype=torch.long, device=key.device).index_add_(0, inv, some)
+        every = torch.zeros(len(uniq), dtype=torch.long, device=key.device).index_add_(0, inv, every)
         qb, kb = uniq // nkb, uniq % nkb
     width = torch.clamp(n_kv - kb * block, max=block)  # keys in the block
     full = every == width
@@ -202,9 +211,9 @@ def _column_mask_mod(n: int, l: int, strict: bool, window: int):
     return mod
 
 
-def _gathered(t: Tiles, block: int):
+def _gathered(t: Tiles, block: int, device=None):
     """The gathered keys (view 1: the fixed pattern's summary columns) as a layout of their own, when
-    every tile reads at most one FULL interval of them: (entries, lo, hi per tile), else None."""
+    every tile reads at most one FULL interval of them: (entries on ``device``, lo, hi per tile), else None."""
     view, s, e, kind = (t.iv[:, c].long() for c in range(4))
     g = view == 1
     if not g.any():
@@ -214,7 +223,7 @@ def _gathered(t: Tiles, block: int):
         return None
     lo, hi = torch.zeros(t.ntiles, dtype=torch.long), torch.zeros(t.ntiles, dtype=torch.long)
     lo[tile_of], hi[tile_of] = s[g], e[g]
-    return _overlaps(tile_of, s[g], e[g], s[g], e[g], s[g], e[g], block), lo, hi
+    return _overlaps(tile_of, s[g], e[g], s[g], e[g], s[g], e[g], block, device), lo, hi
 
 
 @dataclass(frozen=True, eq=False)
@@ -238,13 +247,15 @@ def block_masks(pattern: Pattern, n: int, block: int = BLOCK, device: str = "cpu
     """The layouts of ``pattern`` over n positions (n a multiple of ``block``, and of the column stride
     if any). ``separate_gather``: the gathered keys as their own call (default: off the CPU, whose
     compiled FlexAttention cannot merge calls); else they are read in place, in partial blocks.
-    ``full_width``: block lists that hold every block (default: on the CPU only)."""
+    ``full_width``: block lists that hold every block (default: on the CPU only). The description is
+    read on the CPU and the block lists are built on ``device``: there, the 2^20 positions' lists took
+    18 ms (Strided(1024)) and 122 ms (Fixed(1024, 32)) when built on the H200's host and copied."""
     t = describe(pattern, n, block)
     sep = torch.device(device).type != "cpu" if separate_gather is None else separate_gather
-    gathered = _gathered(t, block) if sep else None
+    gathered = _gathered(t, block, device) if sep else None
     tiles = gath = cols = gpos = None
     if t.iv.numel() and (gathered is None or bool((t.iv[:, 0] == 0).any())):
-        tiles = _block_mask(_tile_entries(t, block, gathered is not None), n, block,
+        tiles = _block_mask(_tile_entries(t, block, gathered is not None, device), n, block,
                             _tile_mask_mod(pattern, n, t, gathered, device), device, full_width=full_width)
     if gathered is not None:
         entries, lo, hi = gathered
@@ -255,7 +266,7 @@ def block_masks(pattern: Pattern, n: int, block: int = BLOCK, device: str = "cpu
         gpos = t.gather.long().to(device)
     if t.columns:
         l, strict, window = t.columns
-        cols = _block_mask(_column_entries(n, l, strict, window, block), n, block,
+        cols = _block_mask(_column_entries(n, l, strict, window, block, device), n, block,
                            _column_mask_mod(n, l, strict, window), device, full_width=full_width)
     return Layouts(tiles, gath, gpos, cols, t.columns[0] if t.columns else 0)
 
