@@ -230,10 +230,16 @@ def test_compiled_flex_forward_on_the_cpu_equals_reference():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
 def test_flex_on_cuda_matches_reference_with_gradients(dtype, tol):
     """Every pattern on backend flex on CUDA (fused kernels, forward and backward), N not a multiple of
-    the block, queries as the last positions too."""
+    the block, queries as the last positions too: every pattern of stride 32 in bfloat16, and strided and
+    fixed in the other types. Each pattern compiles a graph of its own, about 10 s on an H200."""
+    from sparse_transformer import patterns as P
+
     g = torch.Generator().manual_seed(0)
-    for p in _cases():
-        if p == every_pattern(8, 2)[0]:
+    cases = list(dict.fromkeys(p for x in every_pattern(32, 8) for p in x.per_head(2)))
+    if dtype != torch.bfloat16:
+        cases = [P.Strided(32), P.Fixed(32, 8)]
+    for p in cases:
+        if isinstance(p, P.Dense):
             continue  # Dense runs on one SDPA call, not on flex
         q, k, v, do = (torch.randn(1, 2, 1000, 64, generator=g, dtype=torch.float64) for _ in range(4))
         want = attention(*(t.requires_grad_() for t in (q, k, v)), p, backend="reference")
