@@ -243,6 +243,18 @@ def test_cuda_matches_reference(pattern, dtype, tol):
         assert rel_err(a.cpu(), b) <= tol
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", [P.Strided(32), P.Fixed(32, 8), P.Local(20)], ids=repr)
+def test_cuda_decomposition_matches_reference(pattern):
+    """backend="cuda": the fused-SDPA decomposition on CUDA, what auto falls back to if FlexAttention fails."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(2, 4, 1000, 64, generator=g) for _ in range(4))
+    want = run(q.double(), k.double(), v.double(), pattern, "reference", do.double())
+    got = run(*(t.cuda().to(torch.bfloat16) for t in (q, k, v)), pattern, "cuda", do.cuda().to(torch.bfloat16))
+    for a, b in zip(got, want):
+        assert rel_err(a.cpu(), b) <= 2e-2
+
+
 def test_auto_uses_the_native_kernel_on_cpu(monkeypatch):
     from sparse_transformer.attention import api as core
 
