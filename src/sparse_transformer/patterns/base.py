@@ -45,8 +45,7 @@ class Pattern:
     def row_counts(self, n: int) -> torch.Tensor:
         """Number of keys each of the n queries attends, as an int64 tensor [n].
 
-        The default reads the pattern's description (``tiles``, cached, at the AVX-512 kernel's tile of
-        32 queries): O(intervals) for a closed-form description, and no second pass over the pairs
+        The default reads the pattern's description (``tiles``, cached, at a tile of 32 queries): O(intervals) for a closed-form description, and no second pass over the pairs
         for a predicate's; patterns with a closed form for the counts override it."""
         from .tiles import describe
 

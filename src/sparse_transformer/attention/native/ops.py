@@ -11,7 +11,7 @@ from .build import _built, _check, _ptr
 
 @torch.compiler.assume_constant_result
 def query_tile(head_dim: int = 64) -> int:
-    """The kernel's tile of queries (32 with AVX-512, 16 otherwise): descriptions are built for it."""
+    """The kernel's tile of queries (64 with AVX-512, 32 with AVX2, 16 otherwise): descriptions are built for it."""
     return _built(head_dim).st_query_tile()
 
 
