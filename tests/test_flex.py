@@ -226,6 +226,21 @@ def test_compiled_flex_forward_on_the_cpu_equals_reference():
         torch.testing.assert_close(got, _masked_reference(q, k, v, _dense(bm, n), 0.25), atol=2e-5, rtol=2e-5)
 
 
+def _check_on_cuda(p, n: int, dtype, tol: float, g):
+    """Backend flex on CUDA against the float64 reference, output and q, k, v gradients (relative error
+    at most tol): (the reference output, and the CUDA q, k, v)."""
+    q, k, v, do = (torch.randn(1, 2, n, 64, generator=g, dtype=torch.float64) for _ in range(4))
+    want = attention(*(t.requires_grad_() for t in (q, k, v)), p, backend="reference")
+    want_grads = torch.autograd.grad(want, (q, k, v), do)
+    qc, kc, vc = (t.detach().cuda().to(dtype).requires_grad_() for t in (q, k, v))
+    got = attention(qc, kc, vc, p, backend="flex")
+    grads = torch.autograd.grad(got, (qc, kc, vc), do.cuda().to(dtype))
+    for a, b in zip((got, *grads), (want, *want_grads)):
+        err = float((a.detach().double().cpu() - b).norm() / b.norm().clamp(min=1e-12))
+        assert err <= tol, (p, n, dtype, err)
+    return want, qc, kc, vc
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
 def test_flex_on_cuda_matches_reference_with_gradients(dtype, tol):
@@ -241,15 +256,7 @@ def test_flex_on_cuda_matches_reference_with_gradients(dtype, tol):
     for p in cases:
         if isinstance(p, P.Dense):
             continue  # Dense runs on one SDPA call, not on flex
-        q, k, v, do = (torch.randn(1, 2, 1000, 64, generator=g, dtype=torch.float64) for _ in range(4))
-        want = attention(*(t.requires_grad_() for t in (q, k, v)), p, backend="reference")
-        want_grads = torch.autograd.grad(want, (q, k, v), do)
-        qc, kc, vc = (t.detach().cuda().to(dtype).requires_grad_() for t in (q, k, v))
-        got = attention(qc, kc, vc, p, backend="flex")
-        grads = torch.autograd.grad(got, (qc, kc, vc), do.cuda().to(dtype))
-        for a, b in zip((got, *grads), (want, *want_grads)):
-            err = float((a.double().cpu() - b).norm() / b.norm().clamp(min=1e-12))
-            assert err <= tol, (p, dtype, err)
+        want, qc, kc, vc = _check_on_cuda(p, 1000, dtype, tol, g)
         last = attention(qc[:, :, 700:], kc, vc, p, backend="flex")
         assert float((last.double().cpu() - want[:, :, 700:]).abs().max()) <= 50 * tol, p
 
@@ -264,12 +271,4 @@ def test_flex_on_cuda_with_many_full_blocks(dtype, tol):
 
     g = torch.Generator().manual_seed(0)
     for p, n in ((P.Fixed(128, 32), 4096), (P.Strided(256), 4096), (P.Fixed(128, 16), 8192)):
-        q, k, v, do = (torch.randn(1, 2, n, 64, generator=g, dtype=torch.float64) for _ in range(4))
-        want = attention(*(t.requires_grad_() for t in (q, k, v)), p, backend="reference")
-        want_grads = torch.autograd.grad(want, (q, k, v), do)
-        qc, kc, vc = (t.detach().cuda().to(dtype).requires_grad_() for t in (q, k, v))
-        got = attention(qc, kc, vc, p, backend="flex")
-        grads = torch.autograd.grad(got, (qc, kc, vc), do.cuda().to(dtype))
-        for a, b in zip((got, *grads), (want, *want_grads)):
-            err = float((a.detach().double().cpu() - b).norm() / b.norm().clamp(min=1e-12))
-            assert err <= tol, (p, n, dtype, err)
+        _check_on_cuda(p, n, dtype, tol, g)
