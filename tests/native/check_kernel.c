@@ -112,6 +112,52 @@ static double maxdiff(const float *a, const double *b, size_t n)
     return e;
 }
 
+/* One decoding step (decode.c): B x h queries against two segments laid out as a cache lays them out,
+ * a ring [B][h][R][HD] and a column view [B][h][C][M][HD] at column 1 (head stride C M HD), plus an
+ * empty segment, against a naive softmax in double. */
+static int check_decode(unsigned *seed)
+{
+    enum { B = 2, H = 3, R = 5, C = 3, M = 21, ROWS = 17 }; /* ROWS of the column's M: the part read */
+    size_t nr = (size_t)B * H * R * HD, nc = (size_t)B * H * C * M * HD;
+    float *buf = malloc(sizeof(float) * (2 * nr + 2 * nc + 2 * B * H * HD)), scale = 0.3f;
+    for (size_t i = 0; i < 2 * nr + 2 * nc + B * H * HD; i++) {
+        *seed = *seed * 1664525u + 1013904223u;
+        buf[i] = (float)((*seed >> 8) & 0xffff) / 16384.0f - 2.0f;
+    }
+    float *rk = buf, *rv = rk + nr, *ck = rv + nr, *cv = ck + nc, *q = cv + nc, *out = q + B * H * HD;
+    int64_t seg[15] = {(int64_t)(intptr_t)rk, (int64_t)(intptr_t)rv, H * R * HD, R * HD, R,
+                       (int64_t)(intptr_t)(ck + M * HD), (int64_t)(intptr_t)(cv + M * HD), H * C * M * HD, C * M * HD, ROWS,
+                       (int64_t)(intptr_t)rk, (int64_t)(intptr_t)rv, 0, 0, 0};
+    int rc = st_decode(B, H, 3, seg, q, scale, out, 2);
+    double err = 0;
+    for (int b = 0; b < B; b++)
+        for (int hh = 0; hh < H; hh++) {
+            const float *qq = q + (b * H + hh) * HD, *rows[R + ROWS], *vals[R + ROWS];
+            double s[R + ROWS], mx = -1e300, tot = 0;
+            for (int j = 0; j < R + ROWS; j++) {
+                size_t off = j < R ? ((size_t)(b * H + hh) * R + j) * HD
+                                   : ((((size_t)b * H + hh) * C + 1) * M + (j - R)) * HD;
+                rows[j] = (j < R ? rk : ck) + off;
+                vals[j] = (j < R ? rv : cv) + off;
+                s[j] = 0;
+                for (int d = 0; d < HD; d++) s[j] += (double)qq[d] * rows[j][d];
+                s[j] *= scale;
+                if (s[j] > mx) mx = s[j];
+            }
+            for (int j = 0; j < R + ROWS; j++) tot += exp(s[j] - mx);
+            for (int d = 0; d < HD; d++) {
+                double o = 0;
+                for (int j = 0; j < R + ROWS; j++) o += exp(s[j] - mx) / tot * vals[j][d];
+                double e = fabs(o - out[(b * H + hh) * HD + d]);
+                if (!(e <= err)) err = e;
+            }
+        }
+    int ok = rc == 0 && err < 1e-4;
+    printf("%s decode VL=%d HD=%d max error %.2e\n", ok ? "ok  " : "FAIL", VL, HD, err);
+    free(buf);
+    return !ok;
+}
+
 int main(void)
 {
     Case cases[] = {
@@ -191,5 +237,6 @@ int main(void)
         free(lse);
         free(ref);
     }
+    failed |= check_decode(&seed);
     return failed;
 }

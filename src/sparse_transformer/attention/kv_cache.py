@@ -16,11 +16,29 @@ the allowed ones.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..patterns import Pattern
+from . import native
 
 
-class FullCache:
+class Cache:
+    """What every cache offers beside its own ``write``, ``fill``, ``read``, ``write_at``, ``read_at``.
+
+    ``native_step``: whether an eager decoding step may read it with the native kernel
+    (``step_attention``); the dense KV-cache baseline of ``bench sample`` turns it off, so that it stays
+    what it is defined as, ``scaled_dot_product_attention`` over every cached position."""
+
+    native_step: bool = True
+
+    def parts(self, t: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """What ``read(t)`` returns, as segments (keys, values) that are views of the stores where a cache
+        keeps them apart (a decoding step reads them where they lie), and the mask or None."""
+        k, v, mask = self.read(t)
+        return [(k, v)], mask
+
+
+class FullCache(Cache):
     """Every position: [B, h, n_ctx, D]; reads gather ``pattern.row_keys(t)``."""
 
     def __init__(self, pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
@@ -70,7 +88,7 @@ class DenseCache(FullCache):
         return self.k, self.v, torch.arange(self.k.shape[2], device=t.device) <= t
 
 
-class FixedCache:
+class FixedCache(Cache):
     """Fixed(l, c) and its factors (decompositions of "blocks", "summaries" and "own_summary" parts):
     the summaries of finished blocks + the current block, in one store per tensor.
 
@@ -160,7 +178,7 @@ class FixedCache:
         return self.k.nbytes + self.v.nbytes
 
 
-class BandColumnsCache:
+class BandColumnsCache(Cache):
     """Local(w), Strided(l) and StridedColumns(l) (decompositions of "band" and "columns" parts, section
     5.5): the last w positions in a ring [B, h, w, D] (slot p % w), and every position in its column,
     [B, h, l, M, D] (position m l + c at [c, m]), so that a step's column keys are one contiguous slice
@@ -194,16 +212,22 @@ class BandColumnsCache:
                 x = torch.nn.functional.pad(x, (0, 0, 0, M * self.l - T))  # (B, h, M l, D) -> [c, m]
                 store[:, :, :, :M] = x.view(B, h, M, self.l, -1).transpose(2, 3)
 
-    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor, None]:
-        ks, vs = [], []
-        if self.w:  # slots 0..t before the ring is full
-            ks.append(self.rk[:, :, : t + 1])
-            vs.append(self.rv[:, :, : t + 1])
-        if self.l:  # column t % l, rows before t // l (and t's own unless strict)
+    def parts(self, t: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], None]:
+        """The ring (slots 0..t before it is full) and column t % l, rows before t // l (and t's own
+        unless strict): two views, no copy."""
+        parts = []
+        if self.w:
+            parts.append((self.rk[:, :, : t + 1], self.rv[:, :, : t + 1]))
+        if self.l:
             m = t // self.l + (0 if self.strict else 1)
-            ks.append(self.ck[:, :, t % self.l, :m])
-            vs.append(self.cv[:, :, t % self.l, :m])
-        return (ks[0], vs[0], None) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2), None)
+            parts.append((self.ck[:, :, t % self.l, :m], self.cv[:, :, t % self.l, :m]))
+        return parts, None
+
+    def read(self, t: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        parts, _ = self.parts(t)
+        if len(parts) == 1:
+            return (*parts[0], None)
+        return torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2), None
 
     def write_at(self, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.w:
@@ -234,6 +258,22 @@ class BandColumnsCache:
         return self.rk.nbytes + self.rv.nbytes + self.ck.nbytes + self.cv.nbytes
 
 
+def step_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None,
+                   scale: float, use_native: bool = True) -> torch.Tensor | None:
+    """One decoding step: q (B, h, D) attends the segments ``parts`` of a cache (``Cache.parts``), the keys
+    ``mask`` marks (None: all); -> (B, h, D) in float32, or None when it may attend no key (its output is
+    zero, as in ``attention()``). On the CPU in float32 the native kernel reads the segments where they
+    lie (``native/decode.c``, unless ``use_native`` is False); otherwise they are joined for ``scaled_dot_product_attention``."""
+    if sum(k.shape[2] for k, _ in parts) == 0 or (mask is not None and not mask.any()):
+        return None
+    if use_native and mask is None and native.decode_fits(q, parts) and native.available(q.shape[-1]):
+        return native.decode_attention(q, parts, scale)
+    k, v = (torch.cat(x, 2) if len(x) > 1 else x[0] for x in zip(*parts))
+    o = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(),
+                                       attn_mask=None if mask is None else mask[None, :], scale=scale)
+    return o[:, :, 0]
+
+
 def make_cache(pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
     """The cache for heads that use ``pattern``."""
     parts = {name: args for name, *args in pattern.decomposition() or []}
@@ -252,7 +292,7 @@ def make_cache(pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, l
 class LayerCache:
     """The caches of one layer: (head indices, cache) for each group of heads that share a pattern."""
 
-    def __init__(self, groups: list[tuple[torch.Tensor, FullCache | FixedCache]]):
+    def __init__(self, groups: list[tuple[torch.Tensor, Cache]]):
         self.groups = groups
 
     def __iter__(self):

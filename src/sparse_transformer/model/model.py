@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..attention.heads import head_groups
-from ..attention.kv_cache import DenseCache, LayerCache, ModelCache, make_cache
+from ..attention.kv_cache import DenseCache, LayerCache, ModelCache, make_cache, step_attention
 from ..patterns.base import check_int
 from .config import ModelConfig
 
@@ -137,8 +137,10 @@ class Attention(nn.Module):
         """One pattern-following KV cache per group of heads that share a key set (``dense``: one cache
         of every position that each step reads whole, the baseline of ``bench sample``)."""
         H = self.n_head
-        if dense:
-            return LayerCache([(torch.arange(H), DenseCache(self.pattern, B, H, n_ctx, self.d_qk // H, self.d_v // H, like))])
+        if dense:  # the baseline: SDPA over every cached position, as bench sample defines it
+            baseline = DenseCache(self.pattern, B, H, n_ctx, self.d_qk // H, self.d_v // H, like)
+            baseline.native_step = False
+            return LayerCache([(torch.arange(H), baseline)])
         return LayerCache([
             (heads, make_cache(p, B, len(heads), n_ctx, self.d_qk // H, self.d_v // H, like))
             for heads, p in head_groups(self.pattern, H)
@@ -168,12 +170,10 @@ class Attention(nn.Module):
                 out[:, heads] = o[:, :, 0].to(out.dtype)
                 continue
             group.write(t, k_new[:, heads], v_new[:, heads])
-            k, v, mask = group.read(t)  # (B, h, K, D), None or (K,)
-            if k.shape[2] == 0 or (mask is not None and not mask.any()):
-                continue  # no allowed key: zero output, as in attention()
-            o = F.scaled_dot_product_attention(q[:, heads, None].float(), k.float(), v.float(),
-                                               attn_mask=None if mask is None else mask[None, :], scale=scale)
-            out[:, heads] = o[:, :, 0].to(out.dtype)  # (B, h, D)
+            parts, mask = group.parts(t)  # [(B, h, K_i, D)] views of the cache, None or (sum K_i,)
+            o = step_attention(q[:, heads].float(), parts, mask, scale, group.native_step)  # (B, h, D)
+            if o is not None:  # else no allowed key: zero output, as in attention()
+                out[:, heads] = o.to(out.dtype)
         return self.proj(out.reshape(B, 1, C))
 
 

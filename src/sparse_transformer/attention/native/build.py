@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernel.c")
+PARTS = [SOURCE, SOURCE.with_name("decode.c")]  # kernel.c includes decode.c: both make the build key
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
 
 _libs: dict[int, ctypes.CDLL | None] = {}
@@ -116,7 +117,7 @@ def build_flags(head_dim: int) -> list[str]:
 
 
 def _key(cc: str, flags: list[str]) -> str:
-    parts = [SOURCE.read_text(), cc, *flags, platform.machine(), _cpu_flags()]
+    parts = [*(p.read_text() for p in PARTS), cc, *flags, platform.machine(), _cpu_flags()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -161,7 +162,9 @@ def load(head_dim: int) -> ctypes.CDLL | None:
         lib.st_vector_width.restype = i
         lib.st_tiles_forward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, i, i, f, i] + [ptr] * 5
         lib.st_tiles_backward.argtypes = [i] * 5 + [ptr] * 4 + [i, i, i, i, f, i] + [ptr] * 9
+        lib.st_decode.argtypes = [i, i, i, ptr, ptr, f, ptr, i]
         lib.st_tiles_forward.restype = lib.st_tiles_backward.restype = lib.st_query_tile.restype = i
+        lib.st_decode.restype = i
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         warn_once(
             "build",

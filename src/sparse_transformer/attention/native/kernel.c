@@ -1174,3 +1174,6 @@ int st_tiles_backward(int BH, int N, int ntiles, int maxw, int ng, const int *pt
 }
 
 int st_query_tile(void) { return TQ; }
+
+/* ------------------------------------------------------------ decoding */
+#include "decode.c"

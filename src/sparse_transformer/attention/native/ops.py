@@ -142,3 +142,28 @@ def tiles_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, 
     k, v = (t.reshape(B * H, N, D).contiguous() for t in (k, v))
     o, _ = tiles_fwd(q, k, v, key, q0, scale)
     return o.view(B, H, N - q0, D)[:, :, front : front + L]
+
+
+def decode_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
+    """One decoding step (``decode.c``): q (B, h, D) float32 against the keys and values of ``parts``,
+    each (B, h, L, D) with contiguous rows (a view of a cache's store; nothing is copied); -> (B, h, D).
+    The caller checks ``decode_fits``."""
+    B, h, D = q.shape
+    lib = _built(D)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    segs = [(k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.shape[2]) for k, v in parts if k.shape[2]]
+    seg = torch.tensor(segs or [(0, 0, 0, 0, 0)], dtype=torch.int64)
+    _check(lib.st_decode(B, h, len(segs), _ptr(seg), _ptr(q), scale, _ptr(out), torch.get_num_threads()))
+    return out
+
+
+def decode_fits(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether ``decode_attention`` can read these tensors where they lie: float32 on the CPU, no
+    gradient, rows of D contiguous floats, keys and values laid out alike."""
+    D = q.shape[-1]
+    if q.device.type != "cpu" or q.dtype != torch.float32 or q.requires_grad or D % 16:
+        return False
+    return all(k.dtype == v.dtype == torch.float32 and k.stride() == v.stride() and k.shape == v.shape
+               and k.shape[-1] == D and k.stride(3) == 1 and k.stride(2) == D and not (k.requires_grad or v.requires_grad)
+               for k, v in parts)
