@@ -507,12 +507,13 @@ static float *col_rows(float *buf, int M, int which) { return (float *)((TileScr
 static void gather_group(const ColGroup *cg, const Shape *sh, const float *X, int which, int queries)
 {
     int l = sh->l, M = sh->N / l, q0 = queries ? sh->q0 : 0;
-    for (int m = 0; m < M; m++)
+    for (int m = 0; m < M; m++) {
         for (int g = 0; g < cg->n; g++) {
             if (queries && m < cg->first[g]) continue;
             memcpy(col_rows(cg->buf[g], M, which) + (size_t)m * HD, X + ((size_t)m * l + cg->c0 + g - q0) * HD,
                    sizeof(float) * HD);
         }
+    }
 }
 
 /* Queries m0..m0+TQ-1 of a column attend keys m-w < j <= m (w = 0: from 0), strictly before m
@@ -592,23 +593,32 @@ static void col_bwd(const Shape *sh, const float *L, const float *Dl, int c, flo
     }
 }
 
-/* The group's column gradients, once into dQ, dK, dV (this thread owns these columns), row by row. */
-static void scatter_group(const ColGroup *cg, const Shape *sh, float *dQ, float *dK, float *dV)
+/* The group's column gradients, once into dQ, dK, dV (this thread owns these columns), row by row:
+ * added to what is there (``add``), or stored, when the column pass comes first and every row of
+ * the sequence lies in exactly one column. */
+static void scatter_group(const ColGroup *cg, const Shape *sh, float *dQ, float *dK, float *dV, int add)
 {
     int l = sh->l, M = sh->N / l;
     size_t grad = 4 * (size_t)M * HD + 2 * (size_t)M * TQ + 2 * pad16(M); /* dQc's offset after Q, K, V, dO */
-    for (int m = 0; m < M; m++)
+    for (int m = 0; m < M; m++) {
         for (int g = 0; g < cg->n; g++) {
             const float *dqc = col_rows(cg->buf[g], M, 0) + grad + (size_t)m * HD;
             const float *dkc = dqc + (size_t)M * HD, *dvc = dkc + (size_t)M * HD;
             size_t row = (size_t)m * l + cg->c0 + g;
             float *dk = dK + row * HD, *dv = dV + row * HD;
-            for (int d = 0; d < HD; d += VL) { st(dk + d, ld(dk + d) + ld(dkc + d)); st(dv + d, ld(dv + d) + ld(dvc + d)); }
+            if (add) {
+                for (int d = 0; d < HD; d += VL) { st(dk + d, ld(dk + d) + ld(dkc + d)); st(dv + d, ld(dv + d) + ld(dvc + d)); }
+            } else {
+                memcpy(dk, dkc, sizeof(float) * HD);
+                memcpy(dv, dvc, sizeof(float) * HD);
+            }
             if (m >= cg->first[g]) {
                 float *dq = dQ + (row - sh->q0) * HD;
-                for (int d = 0; d < HD; d += VL) st(dq + d, ld(dq + d) + ld(dqc + d));
+                if (add) for (int d = 0; d < HD; d += VL) st(dq + d, ld(dq + d) + ld(dqc + d));
+                else memcpy(dq, dqc, sizeof(float) * HD);
             }
         }
+    }
 }
 
 /* Every sequence's tensors, [BH][N][HD] (lse, delta [BH][N]); unused ones NULL. */
@@ -617,7 +627,8 @@ typedef struct {
     float *o, *lse_out, *dq, *dk, *dv;
 } Tensors;
 
-/* The column pass over all sequences, in groups of columns (forward, or backward with ``backward``). */
+/* The column pass over all sequences, in groups of columns (forward, or backward with ``backward``):
+ * ``merge``: combine with what the tile pass left in O, lse (forward) or add to dQ, dK, dV (backward). */
 static int col_pass(const Shape *sh, const Tensors *t, int BH, int nthreads, int backward, int merge)
 {
     size_t per = col_buf_floats(sh->N / sh->l);
@@ -642,7 +653,7 @@ static int col_pass(const Shape *sh, const Tensors *t, int BH, int nthreads, int
             if (backward) {
                 gather_group(&cg, sh, t->dout + b * NQ * HD, 3, 1);
                 for (int g = 0; g < cg.n; g++) col_bwd(sh, t->lse + b * NQ, t->delta + b * NQ, cg.c0 + g, cg.buf[g]);
-                scatter_group(&cg, sh, t->dq + b * NQ * HD, t->dk + b * NH, t->dv + b * NH);
+                scatter_group(&cg, sh, t->dq + b * NQ * HD, t->dk + b * NH, t->dv + b * NH, merge);
             } else {
                 for (int g = 0; g < cg.n; g++)
                     col_fwd(sh, t->o + b * NQ * HD, t->lse_out + b * NQ, cg.c0 + g, merge, cg.buf[g]);
@@ -1146,6 +1157,16 @@ int st_tiles_forward(int BH, int N, int ntiles, int maxw, int ng, const int *ptr
     return failed ? -1 : 0;
 }
 
+/* p[0..n) = 0, in nthreads pieces. */
+static void zero_par(float *p, size_t n, int nthreads)
+{
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int i = 0; i < nthreads; i++) {
+        size_t a = n * i / nthreads, b = n * (i + 1) / nthreads;
+        memset(p + a, 0, sizeof(float) * (b - a));
+    }
+}
+
 int st_tiles_backward(int BH, int N, int ntiles, int maxw, int ng, const int *ptr, const int *iv, const int *gpos,
                       const uint8_t *masks, int l, int strict, int cw, int q0, float scale, int nthreads,
                       const float *q, const float *k, const float *v, const float *o, const float *dout,
@@ -1164,11 +1185,20 @@ int st_tiles_backward(int BH, int N, int ntiles, int maxw, int ng, const int *pt
         for (int t = 0; t < VL; t++) s += acc[t];
         delta[i] = s;
     }
-    int failed = ntiles > 0 ? tiles_backward(&d, BH, nthreads, q, k, v, dout, lse, delta, dq, dk, dv) : 0;
-    if (l > 0 && !failed) {
-        Tensors t = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv};
+    /* dq, dk, dv come uninitialised. With columns covering every row once (N a multiple of l), the
+     * column pass goes first and stores its gradients, which saves clearing them and reading them
+     * back; the tile pass adds to them. */
+    int cols_first = l > 0 && N % l == 0, failed = 0;
+    Tensors t = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv};
+    if (cols_first) {
         failed = col_pass(&sh, &t, BH, nthreads, 1, 0);
+    } else {
+        zero_par(dq, (size_t)BH * (N - q0) * HD, nthreads);
+        zero_par(dk, (size_t)BH * N * HD, nthreads);
+        zero_par(dv, (size_t)BH * N * HD, nthreads);
     }
+    if (ntiles > 0 && !failed) failed = tiles_backward(&d, BH, nthreads, q, k, v, dout, lse, delta, dq, dk, dv);
+    if (l > 0 && !cols_first && !failed) failed = col_pass(&sh, &t, BH, nthreads, 1, 1);
     free(delta);
     return failed ? -1 : 0;
 }
