@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparse_transformer import patterns as P
 from sparse_transformer.model import ModelConfig, SparseTransformer
@@ -341,3 +342,22 @@ def test_native_decoding_kernel_against_sdpa_on_strided_views():
     want = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, scale=0.2)[:, :, 0]
     assert torch.allclose(got, want, atol=1e-5)
     assert not native.decode_fits(q.double(), parts) and not native.decode_fits(q[..., :24], parts)
+
+
+def test_decoding_linear_uses_a_fresh_transposed_weight():
+    from sparse_transformer.model.model import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(16, 48)
+    for rows in (1, 3, 8, 9):
+        x = torch.randn(rows, 1, 16)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
+    assert hasattr(layer, "_wt")  # the few-row product took the transposed copy
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # changed in place: the copy must be made again
+        x = torch.randn(1, 16)
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # with gradients: plain nn.Linear
+    assert layer.weight.grad is not None
