@@ -97,3 +97,18 @@ def every_pattern(stride: int, c: int) -> list:
         P.Longformer(stride, 3),
         P.Custom(lambda i, j: (i - j < stride) | (j % (2 * stride + 1) == 0), block=4),
     ]
+
+
+def informative_model(**cfg):
+    """A SparseTransformer(ModelConfig(**cfg)) in eval mode, seeded, with its weights shaken (the head starts
+    at zero, so unshaken logits say nothing), for comparing decoding with the full forward pass."""
+    import torch
+
+    from sparse_transformer.model import ModelConfig, SparseTransformer
+
+    torch.manual_seed(0)
+    model = SparseTransformer(ModelConfig(**cfg)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model

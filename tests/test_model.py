@@ -8,6 +8,8 @@ from sparse_transformer import patterns as P
 from sparse_transformer.model import ModelConfig, SparseTransformer
 from sparse_transformer.train.config import build_config
 
+from helpers import informative_model
+
 
 def small(**kw) -> ModelConfig:
     base = dict(n_ctx=64, d_model=32, n_layer=2, n_head=4, stride=8, c=2)
@@ -257,15 +259,9 @@ def test_prefix_caches_read_only_what_the_position_sees():
 def test_prefill_then_decode_equals_the_full_forward(pattern, combine, extra):
     """generate's prefill: one sparse forward over the prompt fills every cache; the decode steps after it
     give the full forward's logits (1e-4), for prompts that end inside, at and after a block boundary."""
-    from sparse_transformer.model.config import ModelConfig
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(n_ctx=48, d_model=32, n_layer=2, n_head=4, stride=8, c=2, pattern=pattern, combine=combine,
-                      **extra)
-    m = SparseTransformer(cfg).eval()
+    m = informative_model(n_ctx=48, d_model=32, n_layer=2, n_head=4, stride=8, c=2, pattern=pattern, combine=combine,
+                          **extra)
     with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.1)  # the head starts at zero: make the logits informative
         x = torch.randint(0, 256, (2, 48))
         full, _ = m(x)
         for plen in (1, 7, 8, 9, 30):
@@ -303,12 +299,8 @@ def test_native_decoding_step_reads_the_cache_in_place(monkeypatch, pattern, com
         return kernel(q, parts, scale)
 
     monkeypatch.setattr(kv_cache.native, "decode_attention", counted)
-    torch.manual_seed(0)
-    m = SparseTransformer(ModelConfig(n_ctx=40, d_model=64, n_layer=2, n_head=4, stride=8, c=2, pattern=pattern,
-                                      combine=combine)).eval()
+    m = informative_model(n_ctx=40, d_model=64, n_layer=2, n_head=4, stride=8, c=2, pattern=pattern, combine=combine)
     with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
         x = torch.randint(0, 256, (2, 40))
         full, _ = m(x)
         cache = m.new_cache(2)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from helpers import cli_here, run_cli, tiny_images
+from helpers import cli_here, informative_model, run_cli, tiny_images
 from sparse_transformer.model.generate import generate
 from sparse_transformer.sysutil import compiler_trusted
 from sparse_transformer.train.config import build_config
@@ -133,15 +133,8 @@ def test_image_data_shape_drives_the_model(tmp_path):
 
 
 def _random_model(pattern, rotary=False, n_ctx=64):
-    from sparse_transformer.model import ModelConfig, SparseTransformer
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(n_ctx=n_ctx, d_model=32, n_layer=2, n_head=2, pattern=pattern, stride=8, c=2, rotary=rotary)
-    model = SparseTransformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return informative_model(n_ctx=n_ctx, d_model=32, n_layer=2, n_head=2, pattern=pattern, stride=8, c=2,
+                             rotary=rotary)
 
 
 @pytest.mark.parametrize("pattern", ["strided", "fixed", "dense", "local", "fixed_summary:8:2:true", "fixed_block:8",
