@@ -102,6 +102,13 @@ static void naive(int N, int q0, int w, int l, int strict, float scale, const fl
     free(p);
 }
 
+/* p[0..n) = NaN: a result row the kernel leaves unwritten shows as an error. */
+static float *nans(float *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) p[i] = NAN;
+    return p;
+}
+
 static double maxdiff(const float *a, const double *b, size_t n)
 {
     double e = 0;
@@ -192,7 +199,7 @@ int main(void)
         Desc d = describe(cur, scale, ptr, iv, gpos, masks);
         int nt = (cur->kind == BANDED && w == 0) || cur->kind == DILATED_COLUMNS ? 0 : d.ntiles, rc = 0;
         for (int threads = 1; threads <= 4; threads *= 4) { /* 1: sequences per thread; 4 > BH: shared sequences */
-            memset(dq, 0, sizeof(float) * n), memset(dk, 0, sizeof(float) * n), memset(dv, 0, sizeof(float) * n);
+            nans(dq, n), nans(dk, n), nans(dv, n); /* the kernel sets every gradient row itself */
             rc |= st_tiles_forward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, cw, 0, scale, threads, q, k, v, o, lse);
             rc |= st_tiles_backward(BH, N, nt, d.maxw, d.ng, ptr, iv, gpos, masks, cols, strict, cw, 0, scale, threads, q, k, v,
                                     o, dout, lse, dq, dk, dv);
@@ -213,8 +220,9 @@ int main(void)
         int q0 = N > TQ ? TQ : 0;
         if (q0) {
             size_t NQ = (size_t)(N - q0) * HD;
-            float *o2 = calloc(NQ, sizeof(float)), *dq2 = calloc(NQ, sizeof(float)), *lse2 = malloc(sizeof(float) * N);
-            float *dk2 = calloc((size_t)N * HD, sizeof(float)), *dv2 = calloc((size_t)N * HD, sizeof(float));
+            float *o2 = nans(malloc(sizeof(float) * NQ), NQ), *dq2 = nans(malloc(sizeof(float) * NQ), NQ);
+            float *lse2 = malloc(sizeof(float) * N), *dk2 = nans(malloc(sizeof(float) * N * HD), (size_t)N * HD);
+            float *dv2 = nans(malloc(sizeof(float) * N * HD), (size_t)N * HD);
             ptr = malloc(sizeof(int) * (N / TQ + 2)), iv = malloc(sizeof(int) * 10 * (N / TQ + 2));
             gpos = malloc(sizeof(int) * (N + 1)), masks = malloc((size_t)N * N + 1);
             d = describe(cur, scale, ptr, iv, gpos, masks);
