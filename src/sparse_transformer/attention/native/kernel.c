@@ -507,13 +507,12 @@ static float *col_rows(float *buf, int M, int which) { return (float *)((TileScr
 static void gather_group(const ColGroup *cg, const Shape *sh, const float *X, int which, int queries)
 {
     int l = sh->l, M = sh->N / l, q0 = queries ? sh->q0 : 0;
-    for (int m = 0; m < M; m++) {
+    for (int m = 0; m < M; m++)
         for (int g = 0; g < cg->n; g++) {
             if (queries && m < cg->first[g]) continue;
             memcpy(col_rows(cg->buf[g], M, which) + (size_t)m * HD, X + ((size_t)m * l + cg->c0 + g - q0) * HD,
                    sizeof(float) * HD);
         }
-    }
 }
 
 /* Queries m0..m0+TQ-1 of a column attend keys m-w < j <= m (w = 0: from 0), strictly before m
@@ -600,7 +599,7 @@ static void scatter_group(const ColGroup *cg, const Shape *sh, float *dQ, float 
 {
     int l = sh->l, M = sh->N / l;
     size_t grad = 4 * (size_t)M * HD + 2 * (size_t)M * TQ + 2 * pad16(M); /* dQc's offset after Q, K, V, dO */
-    for (int m = 0; m < M; m++) {
+    for (int m = 0; m < M; m++)
         for (int g = 0; g < cg->n; g++) {
             const float *dqc = col_rows(cg->buf[g], M, 0) + grad + (size_t)m * HD;
             const float *dkc = dqc + (size_t)M * HD, *dvc = dkc + (size_t)M * HD;
@@ -618,7 +617,6 @@ static void scatter_group(const ColGroup *cg, const Shape *sh, float *dQ, float 
                 else memcpy(dq, dqc, sizeof(float) * HD);
             }
         }
-    }
 }
 
 /* Every sequence's tensors, [BH][N][HD] (lse, delta [BH][N]); unused ones NULL. */
