@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from helpers import cli_here, informative_model, run_cli, tiny_images
-from sparse_transformer.model.generate import generate
+from sparse_transformer.model.generate import compiled_step, generate
 from sparse_transformer.sysutil import compiler_trusted
 from sparse_transformer.train.config import build_config
 from sparse_transformer.train.loop import train
@@ -178,16 +178,54 @@ def test_compiled_step_is_captured_once_and_equals_eager(pattern):
     """generate(compile=True): no recompilation per position and no graph break, though the fixed and
     dense caches read a prefix that grows with the position: at most one graph for the first decoded
     position and one for every later one (strided reads no prefix: one in all). The same samples as
-    eager; a second call reuses the graphs."""
+    eager; a second call reuses the graphs. The graph reads the transposed weights of model.Linear and
+    the fixed and dense prefixes with the native decoding kernel: weights changed in place between two
+    calls reach it without a recompilation, and samples still equal eager's."""
     import torch._dynamo.utils as du
+
+    from sparse_transformer.attention import native
+    from sparse_transformer.attention.native import ops
 
     model = _random_model(pattern, n_ctx=96)
     torch._dynamo.reset()
     du.counters.clear()
-    compiled = generate(model, 2, 60, prompt=b"abc", seed=3, compile=True)
+    kernel_calls = []  # decode.c's steps (st_decode), eager or compiled
+    built = ops._built
+
+    class Counted:
+        def __init__(self, lib):
+            self.lib = lib
+
+        def __getattr__(self, name):
+            if name == "st_decode":
+                kernel_calls.append(name)
+            return getattr(self.lib, name)
+
+    def counted(D):
+        return Counted(built(D))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "_built", counted)
+        compiled = generate(model, 2, 60, prompt=b"abc", seed=3, compile=True)
     graphs = du.counters["stats"]["unique_graphs"]
     assert graphs == (1 if pattern == "strided" else 2), dict(du.counters["stats"])
+    if native.available(16):  # fixed, dense: 2 layers x 57 compiled steps (strided: the eager first steps only)
+        assert (len(kernel_calls) >= 2 * 57) == (pattern != "strided"), len(kernel_calls)
     generate(model, 2, 50, prompt=b"abcdefg", seed=4, compile=True)
     assert du.counters["stats"]["unique_graphs"] == graphs, dict(du.counters["stats"])
     assert not du.counters["graph_break"], dict(du.counters["graph_break"])
     assert torch.equal(compiled, generate(model, 2, 60, prompt=b"abc", seed=3))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(1.5)
+            block.ff.fc.weight.mul_(-1.0)
+    changed = generate(model, 2, 60, prompt=b"abc", seed=3, compile=True)
+    assert du.counters["stats"]["unique_graphs"] == graphs, dict(du.counters["stats"])
+    assert torch.equal(changed, generate(model, 2, 60, prompt=b"abc", seed=3)) and not torch.equal(changed, compiled)
+    with torch.no_grad():  # the compiled step alone, with no eager step to refresh the copies first
+        model.blocks[0].ff.fc.weight.mul_(0.5)
+        step, eager_cache = compiled_step(model, model.new_cache(2)), model.new_cache(2)
+        prev = torch.tensor([7, 9])
+        for t in range(1, 4):
+            got = step(prev, t)  # before any eager call
+            assert torch.allclose(got, model.decode(prev, torch.tensor(t), eager_cache, t + 1), atol=1e-5), t

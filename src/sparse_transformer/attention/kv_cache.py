@@ -274,6 +274,21 @@ def step_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor
     return o[:, :, 0]
 
 
+def static_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                          scale: float, use_native: bool = True) -> torch.Tensor:
+    """The step of ``read_at``'s static shapes (a compiled decoding step): q (B, h, D) attends k, v (B, h, K, D),
+    the keys ``valid`` (K,) marks (None: all); -> (B, h, D) in float32, zero where no key is valid. With every
+    key valid, on the CPU in float32, the native kernel reads k and v where they lie (a custom operator, which
+    a compiled graph calls as it is); otherwise ``scaled_dot_product_attention`` with the mask."""
+    if use_native and valid is None and native.decode_fits(q, [(k, v)]) and native.available(q.shape[-1]):
+        return native.decode_attention(q, [(k, v)], scale)
+    o = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(),
+                                       attn_mask=None if valid is None else valid[None, :], scale=scale)
+    if valid is not None:
+        o = torch.where(valid.any(), o, 0.0)  # no valid key: zero
+    return o[:, :, 0]
+
+
 def make_cache(pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):
     """The cache for heads that use ``pattern``."""
     parts = {name: args for name, *args in pattern.decomposition() or []}

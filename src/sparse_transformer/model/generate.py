@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from ..attention.kv_cache import ModelCache
-from .model import SparseTransformer
+from .model import Linear, SparseTransformer
 
 
 def prompt_tensor(prompt: bytes | torch.Tensor | list[int]) -> torch.Tensor:
@@ -114,6 +114,9 @@ def compiled_step(model: SparseTransformer, cache: ModelCache):
     if getattr(model, "_compiled_decode", None) is None:
         model._compiled_decode = torch.compile(model.decode, fullgraph=True, dynamic=None)
     device = next(model.parameters()).device
+    for mod in model.modules():  # the graph reads the transposed weights of model.Linear as they are now
+        if isinstance(mod, Linear):
+            mod.refresh_transposed()
 
     def decode(prev: torch.Tensor, t: int) -> torch.Tensor:
         if not 1 <= t < model.cfg.n_ctx:

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..attention.heads import head_groups
-from ..attention.kv_cache import DenseCache, LayerCache, ModelCache, make_cache, step_attention
+from ..attention.kv_cache import DenseCache, LayerCache, ModelCache, make_cache, static_step_attention, step_attention
 from ..patterns.base import check_int
 from .config import ModelConfig
 
@@ -80,20 +80,47 @@ class Linear(nn.Linear):
     For one to eight rows, MKL's matrix-vector product reads a weight stored (out, in) at about half the
     bandwidth of the same weight stored (in, out) when out > in (the q, k, v and first feed-forward weights:
     about 10 against 19-24 GB/s on an AMD EPYC Zen 4, BENCHMARKS.md). Without gradients, on the CPU in
-    float32 and outside ``torch.compile``, such a layer keeps a transposed copy of its weight, made again
-    whenever the weight changes, and multiplies by it. Everything else is ``nn.Linear``."""
+    float32, such a layer keeps a transposed copy of its weight, made again whenever the weight changes, and
+    multiplies by it. A compiled step reads the copy as it was when ``refresh_transposed`` last ran (the compiled
+    decoding step calls it). Everything else is ``nn.Linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.numel() > 8 * self.in_features or self.out_features <= self.in_features or torch.is_grad_enabled()
-                or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or torch.compiler.is_compiling()):
+        wt = self._transposed(x)
+        if wt is None:
             return super().forward(x)
-        key = (self.weight.data_ptr(), self.weight._version)
-        if getattr(self, "_wt_key", None) != key:
-            self._wt, self._wt_key = self.weight.t().contiguous(), key  # (in, out)
-        y = torch.addmm(self.bias, x.reshape(-1, self.in_features), self._wt) if self.bias is not None \
-            else x.reshape(-1, self.in_features) @ self._wt
+        y = torch.addmm(self.bias, x.reshape(-1, self.in_features), wt) if self.bias is not None \
+            else x.reshape(-1, self.in_features) @ wt
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _transposed(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The (in, out) copy of the weight when x is a decoding step's few rows, else None."""
+        if (x.numel() > 8 * self.in_features or self.out_features <= self.in_features or torch.is_grad_enabled()
+                or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32):
+            return None
+        if torch.compiler.is_compiling():
+            # A compiled step reads the copy that ``refresh_transposed`` made before the call: a graph input,
+            # refreshed in place, so a changed weight reaches the graph without a recompilation.
+            return getattr(self, "_wt", None)
+        self.refresh_transposed()
+        return self._wt
+
+    def refresh_transposed(self) -> None:
+        """Make the (in, out) copy of the weight again if the weight changed since the last one (only where
+        ``forward`` uses it: out > in, a float32 weight on the CPU)."""
+        if (self.out_features <= self.in_features or self.weight.device.type != "cpu"
+                or self.weight.dtype != torch.float32):
+            return
+        key = (self.weight.data_ptr(), self.weight._version)
+        if getattr(self, "_wt_key", None) == key:
+            return
+        wt = getattr(self, "_wt", None)
+        if wt is not None and wt.shape == (self.in_features, self.out_features) and wt.dtype == self.weight.dtype \
+                and wt.device == self.weight.device:
+            with torch.no_grad():
+                wt.copy_(self.weight.t())
+        else:
+            self._wt = self.weight.detach().t().contiguous()  # (in, out)
+        self._wt_key = key
 
 
 class Attention(nn.Module):
@@ -185,11 +212,8 @@ class Attention(nn.Module):
             if static:
                 group.write_at(t, k_new[:, heads], v_new[:, heads])
                 k, v, valid = group.read_at(t, length)  # (B, h, K, D), (K,) or None: all valid
-                o = F.scaled_dot_product_attention(q[:, heads, None].float(), k.float(), v.float(),
-                                                   attn_mask=None if valid is None else valid[None, :], scale=scale)
-                if valid is not None:
-                    o = torch.where(valid.any(), o, 0.0)  # no valid key: zero
-                out[:, heads] = o[:, :, 0].to(out.dtype)
+                o = static_step_attention(q[:, heads].float(), k, v, valid, scale, group.native_step)  # (B, h, D)
+                out[:, heads] = o.to(out.dtype)
                 continue
             group.write(t, k_new[:, heads], v_new[:, heads])
             parts, mask = group.parts(t)  # [(B, h, K_i, D)] views of the cache, None or (sum K_i,)
