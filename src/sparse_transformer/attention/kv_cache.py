@@ -304,11 +304,20 @@ def make_cache(pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, l
     return kind(pattern, B, h, n_ctx, dk, dv, like)
 
 
+def _device(cache: Cache) -> torch.device:
+    return next(x.device for x in vars(cache).values() if torch.is_tensor(x))
+
+
 class LayerCache:
     """The caches of one layer: (head indices, cache) for each group of heads that share a pattern."""
 
     def __init__(self, groups: list[tuple[torch.Tensor, Cache]]):
         self.groups = groups
+        # One group of every head in order (the usual case) is read with a slice: no gather of q, k, v
+        # and no scatter of the output at each decoding step. Otherwise the head indices, on the device
+        # of the group's stores.
+        self.whole = len(groups) == 1 and torch.equal(groups[0][0].cpu(), torch.arange(len(groups[0][0])))
+        self.selections = [(slice(None) if self.whole else heads.to(_device(cache)), cache) for heads, cache in groups]
 
     def __iter__(self):
         return iter(self.groups)

@@ -206,19 +206,21 @@ class Attention(nn.Module):
             pos = t.view(1) if static else torch.tensor([t], device=x.device)
             q, k_new = rotate(q[:, :, None], pos)[:, :, 0], rotate(k_new[:, :, None], pos)[:, :, 0]
         scale = 1.0 / math.sqrt(q.shape[-1])
-        out = x.new_zeros(B, H, C // H)
-        for heads, group in cache:
-            heads = heads.to(x.device)
+        out = None if cache.whole else x.new_zeros(B, H, C // H)
+        for heads, group in cache.selections:  # heads: a slice for one group of every head
             if static:
                 group.write_at(t, k_new[:, heads], v_new[:, heads])
                 k, v, valid = group.read_at(t, length)  # (B, h, K, D), (K,) or None: all valid
                 o = static_step_attention(q[:, heads].float(), k, v, valid, scale, group.native_step)  # (B, h, D)
-                out[:, heads] = o.to(out.dtype)
-                continue
-            group.write(t, k_new[:, heads], v_new[:, heads])
-            parts, mask = group.parts(t)  # [(B, h, K_i, D)] views of the cache, None or (sum K_i,)
-            o = step_attention(q[:, heads].float(), parts, mask, scale, group.native_step)  # (B, h, D)
-            if o is not None:  # else no allowed key: zero output, as in attention()
+            else:
+                group.write(t, k_new[:, heads], v_new[:, heads])
+                parts, mask = group.parts(t)  # [(B, h, K_i, D)] views of the cache, None or (sum K_i,)
+                o = step_attention(q[:, heads].float(), parts, mask, scale, group.native_step)  # (B, h, D)
+                if o is None:  # no allowed key: zero output, as in attention()
+                    o = torch.zeros_like(v_new[:, heads])
+            if out is None:
+                out = o.to(x.dtype)
+            else:
                 out[:, heads] = o.to(out.dtype)
         return self.proj(out.reshape(B, 1, C))
 
