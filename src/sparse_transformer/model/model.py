@@ -84,6 +84,9 @@ class Linear(nn.Linear):
     multiplies by it. A compiled step reads the copy as it was when ``refresh_transposed`` last ran (the compiled
     decoding step calls it). Everything else is ``nn.Linear``."""
 
+    _wt: torch.Tensor | None = None  # the (in, out) copy, made for a float32 weight on the CPU when out > in
+    _wt_key: tuple[int, int] | None = None  # the weight's (data_ptr, _version) when the copy was made
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wt = self._transposed(x)
         if wt is None:
@@ -93,33 +96,35 @@ class Linear(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _transposed(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The (in, out) copy of the weight when x is a decoding step's few rows, else None."""
-        if (x.numel() > 8 * self.in_features or self.out_features <= self.in_features or torch.is_grad_enabled()
-                or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32):
+        """The (in, out) copy of the weight when x is a decoding step's few rows, else None. Cheap checks
+        first: a step calls this 16 times (8 layers)."""
+        if self.out_features <= self.in_features or x.numel() > 8 * self.in_features or torch.is_grad_enabled() \
+                or x.dtype is not torch.float32 or not x.is_cpu:
             return None
         if torch.compiler.is_compiling():
             # A compiled step reads the copy that ``refresh_transposed`` made before the call: a graph input,
             # refreshed in place, so a changed weight reaches the graph without a recompilation.
-            return getattr(self, "_wt", None)
-        self.refresh_transposed()
+            return self._wt
+        w = self.weight
+        if self._wt_key != (w.data_ptr(), w._version):
+            self.refresh_transposed()
         return self._wt
 
     def refresh_transposed(self) -> None:
         """Make the (in, out) copy of the weight again if the weight changed since the last one (only where
-        ``forward`` uses it: out > in, a float32 weight on the CPU)."""
-        if (self.out_features <= self.in_features or self.weight.device.type != "cpu"
-                or self.weight.dtype != torch.float32):
+        ``forward`` uses it: out > in, a float32 weight on the CPU; elsewhere there is no copy)."""
+        w = self.weight
+        if self.out_features <= self.in_features or not w.is_cpu or w.dtype is not torch.float32:
+            self._wt, self._wt_key = None, None
             return
-        key = (self.weight.data_ptr(), self.weight._version)
-        if getattr(self, "_wt_key", None) == key:
+        key = (w.data_ptr(), w._version)
+        if self._wt_key == key:
             return
-        wt = getattr(self, "_wt", None)
-        if wt is not None and wt.shape == (self.in_features, self.out_features) and wt.dtype == self.weight.dtype \
-                and wt.device == self.weight.device:
+        if self._wt is not None and self._wt.shape == (self.in_features, self.out_features):
             with torch.no_grad():
-                wt.copy_(self.weight.t())
+                self._wt.copy_(w.t())
         else:
-            self._wt = self.weight.detach().t().contiguous()  # (in, out)
+            self._wt = w.detach().t().contiguous()  # (in, out)
         self._wt_key = key
 
 
