@@ -45,18 +45,27 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, repeat: int = 5) -> fl
     return flops / time_it(product, device, repeat)
 
 
-def time_interleaved(fn, ref, device: torch.device, repeat: int) -> tuple[float, float]:
+def time_interleaved(fn, ref, device: torch.device, repeat: int, block: int = 1) -> tuple[float, float]:
     """Median wall times of ``fn()`` and ``ref()``, run in turns ``repeat`` times each (after one
-    warm-up of ``ref``), so that on a shared, noisy host the ratio of the two sees the same moments."""
+    warm-up of ``ref``), so that on a shared, noisy host the ratio of the two sees the same moments.
+
+    ``block`` > 1: each turn runs one untimed call and then times ``block`` calls in a row (the time of
+    one is their mean), so that each is measured as it runs back to back with itself, not right after
+    the other (decoding steps: a dense-cache step streams hundreds of MB, which evicts the weights
+    that the next step of a sparse cache would otherwise find in the CPU's last-level cache)."""
     ref()
     sync(device)
     times: tuple[list, list] = ([], [])
     for _ in range(repeat):
         for f, out in ((fn, times[0]), (ref, times[1])):
+            if block > 1:
+                f()
+                sync(device)
             t = time.perf_counter()
-            f()
+            for _ in range(block):
+                f()
             sync(device)
-            out.append(time.perf_counter() - t)
+            out.append((time.perf_counter() - t) / block)
     return statistics.median(times[0]), statistics.median(times[1])
 
 
