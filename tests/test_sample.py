@@ -156,6 +156,24 @@ def test_static_decoding_step_equals_the_full_forward(pattern, rotary):
         assert torch.allclose(model.decode(x[:, t - 1], torch.tensor(t), cache, t + 1), full[:, t], atol=1e-4), t
 
 
+@pytest.mark.parametrize("pattern,combine,groups", [("strided", "multihead", 2), ("fixed", "merged", 4),
+                                                    ("fixed", "interleaved", 1)])
+def test_static_decoding_step_with_groups_of_heads(pattern, combine, groups):
+    """Heads in several groups (each group's q, k, v gathered and its output scattered) or in one group of
+    every head (read through a slice): model.decode gives the full forward's logits (4 heads, fixed with
+    distinct summary offsets per head)."""
+    model = informative_model(n_ctx=48, d_model=64, n_layer=2, n_head=4, stride=8, c=2, pattern=pattern,
+                              combine=combine, distinct_heads=pattern == "fixed")
+    x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(2))
+    cache = model.new_cache(2)
+    assert len(cache[0].groups) == groups and cache[0].whole == (groups == 1)
+    with torch.no_grad():  # as generate runs it: decode.c and the transposed weights where they apply
+        full, _ = model(x)
+        model(x[:, :9], cache=cache)
+        for t in range(9, 48):
+            assert torch.allclose(model.decode(x[:, t - 1], torch.tensor(t), cache, t + 1), full[:, t], atol=1e-4), t
+
+
 def test_compile_is_declined_where_compiled_code_is_not_trusted(monkeypatch):
     """At AVX2 (mocked) generate(compile=True) decodes eagerly, says so once, and gives eager's samples."""
     import torch
