@@ -16,7 +16,7 @@
   the two steps timed in turns (medians), so that the ratio sees the same moments of a shared host.
   Each turn is one untimed step and then BLOCK steps in a row, as ``generate`` runs them: timed one at
   a time in turns, a step of the sparse cache ran right after a dense one that had evicted its
-  weights from the last-level cache, 0.5-1 ms slower than in any generation (BENCHMARKS.md).
+  weights from the last-level cache, 0.5-0.8 ms slower than in any generation (BENCHMARKS.md).
 - KV cache bytes at the longest position, against a dense cache.
 """
 from __future__ import annotations
