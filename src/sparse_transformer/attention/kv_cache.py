@@ -269,6 +269,11 @@ def step_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor
     if use_native and mask is None and native.decode_fits(q, parts) and native.available(q.shape[-1]):
         return native.decode_attention(q, parts, scale)
     k, v = (torch.cat(x, 2) if len(x) > 1 else x[0] for x in zip(*parts))
+    return _sdpa_step(q, k, v, mask, scale)
+
+
+def _sdpa_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q (B, h, D) against k, v (B, h, K, D), the keys ``mask`` (K,) marks (None: all), by SDPA in float32."""
     o = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(),
                                        attn_mask=None if mask is None else mask[None, :], scale=scale)
     return o[:, :, 0]
@@ -282,11 +287,8 @@ def static_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
     a compiled graph calls as it is); otherwise ``scaled_dot_product_attention`` with the mask."""
     if use_native and valid is None and native.decode_fits(q, [(k, v)]) and native.available(q.shape[-1]):
         return native.decode_attention(q, [(k, v)], scale)
-    o = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(),
-                                       attn_mask=None if valid is None else valid[None, :], scale=scale)
-    if valid is not None:
-        o = torch.where(valid.any(), o, 0.0)  # no valid key: zero
-    return o[:, :, 0]
+    o = _sdpa_step(q, k, v, valid, scale)
+    return o if valid is None else torch.where(valid.any(), o, 0.0)  # no valid key: zero
 
 
 def make_cache(pattern: Pattern, B: int, h: int, n_ctx: int, dk: int, dv: int, like: torch.Tensor):

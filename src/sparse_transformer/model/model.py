@@ -175,8 +175,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.heads(x)
         if cache is not None:
-            for heads, group in cache:
-                heads = heads.to(x.device)
+            for heads, group in cache.selections:
                 group.fill(k[:, heads], v[:, heads])
         scale = 1.0 / math.sqrt(q.shape[-1])
         if self.d_qk != self.d_v:
