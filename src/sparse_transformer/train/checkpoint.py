@@ -6,7 +6,6 @@ import os
 import pickle
 import shutil
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +49,11 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+def _starts_as_zip(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load with weights_only=True; a corrupt or truncated file is a ValueError."""
     p = resolve(path)
@@ -57,10 +61,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning would precede the one-line error
             warnings.simplefilter("ignore", UserWarning)
             ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{p} is not a sparse-transformer checkpoint (not a torch file of tensors and "
-                         "plain types; it is not loaded, since unpickling it could run code)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+    except Exception as e:  # on arbitrary bytes the weights-only unpickler fails in many ways (IndexError, ...)
+        if isinstance(e, pickle.UnpicklingError) or not _starts_as_zip(p):
+            # torch.save writes a zip archive: anything else is not a checkpoint of ours, whatever it failed with
+            raise ValueError(f"{p} is not a sparse-transformer checkpoint (not a torch file of tensors and "
+                             "plain types; it is not loaded, since unpickling it could run code)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {p} is corrupt or truncated ({first})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
