@@ -533,25 +533,40 @@ static int col_window(const Shape *sh, int m0, int M, TileScratch *ts, int *rows
     return (sh->strict ? m1 - 1 : m1) - *j0;
 }
 
-/* Column c, its rows gathered in buf: attention over the column, written to (or merged into) O, L. */
-static void col_fwd(const Shape *sh, float *O, float *L, int c, int merge, float *buf)
+/* A column's forward results in its buffer, after its scores: the output Oc (M x HD) and the
+ * log-sum-exps Lc (M). */
+static float *col_out(float *buf, int M) { return col_rows(buf, M, 3) + (size_t)M * TQ; }
+static float *col_lse(float *buf, int M) { return col_out(buf, M) + (size_t)M * HD; }
+
+/* Column c, its rows gathered in buf: attention over the column, into its Oc and Lc. */
+static void col_fwd(const Shape *sh, int c, float *buf)
 {
-    int l = sh->l, M = sh->N / l;
+    int M = sh->N / sh->l;
     TileScratch *ts = (TileScratch *)buf;
     float *Qc = col_rows(buf, M, 0), *Kc = col_rows(buf, M, 1), *Vc = col_rows(buf, M, 2);
-    float *St = Vc + (size_t)M * HD, *Ot = St + (size_t)M * TQ;
-    int ms = first_query(sh, c);
-    for (int m0 = ms; m0 < M; m0 += TQ) {
+    float *St = col_rows(buf, M, 3), *Oc = col_out(buf, M), *Lc = col_lse(buf, M);
+    for (int m0 = first_query(sh, c); m0 < M; m0 += TQ) {
         int rows, j0, qlo, qhi, W = col_window(sh, m0, M, ts, &rows, &j0, &qlo, &qhi);
         if (W > 0) {
-            tile_fwd(Qc + (size_t)m0 * HD, Kc + (size_t)j0 * HD, Vc + (size_t)j0 * HD, rows, W, ts, St, Ot, sh->scale,
-                     qlo, qhi);
+            tile_fwd(Qc + (size_t)m0 * HD, Kc + (size_t)j0 * HD, Vc + (size_t)j0 * HD, rows, W, ts, St,
+                     Oc + (size_t)m0 * HD, sh->scale, qlo, qhi);
+            memcpy(Lc + m0, ts->lse, sizeof(float) * rows);
         } else {
-            for (int a = 0; a < rows; a++) ts->lse[a] = -INFINITY;
+            for (int a = 0; a < rows; a++) Lc[m0 + a] = -INFINITY;
         }
-        for (int a = 0; a < rows; a++) {
-            size_t i = (size_t)(m0 + a) * l + c - sh->q0; /* the row of this query */
-            float *o = O + i * HD, *oc = Ot + (size_t)a * HD, l2 = ts->lse[a];
+    }
+}
+
+/* The group's column outputs into O, L (written, or merged with what the tile pass left there
+ * through the log-sum-exps), row by row of the sequence, as scatter_group does. */
+static void put_group(const ColGroup *cg, const Shape *sh, float *O, float *L, int merge)
+{
+    int l = sh->l, M = sh->N / l;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < cg->n; g++) {
+            if (m < cg->first[g]) continue;
+            size_t i = (size_t)m * l + cg->c0 + g - sh->q0; /* the row of this query */
+            float *o = O + i * HD, *oc = col_out(cg->buf[g], M) + (size_t)m * HD, l2 = col_lse(cg->buf[g], M)[m];
             if (!merge) {
                 if (isinf(l2)) memset(o, 0, sizeof(float) * HD);
                 else memcpy(o, oc, sizeof(float) * HD);
@@ -559,12 +574,11 @@ static void col_fwd(const Shape *sh, float *O, float *L, int c, int merge, float
             } else if (!isinf(l2)) {
                 float l1 = L[i], mx = l1 > l2 ? l1 : l2;
                 float e1 = expf(l1 - mx), e2 = expf(l2 - mx), tot = e1 + e2;
-                float w1 = e1 / tot, w2 = e2 / tot;
-                for (int d = 0; d < HD; d++) o[d] = o[d] * w1 + oc[d] * w2;
+                vf w1 = splat(e1 / tot), w2 = splat(e2 / tot);
+                for (int d = 0; d < HD; d += VL) st(o + d, ld(o + d) * w1 + ld(oc + d) * w2);
                 L[i] = mx + logf(tot);
             }
         }
-    }
 }
 
 /* Column c, its rows gathered in buf: the gradients, added up in the column's own contiguous rows
@@ -653,8 +667,8 @@ static int col_pass(const Shape *sh, const Tensors *t, int BH, int nthreads, int
                 for (int g = 0; g < cg.n; g++) col_bwd(sh, t->lse + b * NQ, t->delta + b * NQ, cg.c0 + g, cg.buf[g]);
                 scatter_group(&cg, sh, t->dq + b * NQ * HD, t->dk + b * NH, t->dv + b * NH, merge);
             } else {
-                for (int g = 0; g < cg.n; g++)
-                    col_fwd(sh, t->o + b * NQ * HD, t->lse_out + b * NQ, cg.c0 + g, merge, cg.buf[g]);
+                for (int g = 0; g < cg.n; g++) col_fwd(sh, cg.c0 + g, cg.buf[g]);
+                put_group(&cg, sh, t->o + b * NQ * HD, t->lse_out + b * NQ, merge);
             }
         }
         free(buf);
