@@ -2,7 +2,7 @@
 
   api.py        checks, the choice of path, dtype policy, dispatch
   heads.py      one pattern per head; heads that share a pattern run together
-  native/       the fused CPU kernel: kernel.c, its build, its PyTorch operators
+  native/       the fused CPU kernel: kernel.c and its parts, its build, its PyTorch operators
   plan.py       the decomposition's sub-problems (the CUDA and float64 path)
   merge.py      merging sub-problems through their log-sum-exps, as an autograd function
   sdpa.py       the fused SDPA kernels the decomposition calls, and masked SDPA

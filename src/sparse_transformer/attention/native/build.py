@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernel.c")
-PARTS = [SOURCE, SOURCE.with_name("decode.c")]  # kernel.c includes decode.c: both make the build key
+# kernel.c includes the other .c files of this folder: all of them make the build key
+PARTS = sorted(SOURCE.parent.glob("*.c"))
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
 
 _libs: dict[int, ctypes.CDLL | None] = {}
