@@ -205,7 +205,8 @@ class Attention(nn.Module):
         B, _, C = x.shape
         H = self.n_head
         static = torch.is_tensor(t)
-        q, k_new, v_new = (y.reshape(B, H, -1) for y in self.project(x[:, 0]))  # (B, H, D)
+        qkv = self.qkv.forward(x[:, 0]).split([self.d_qk, self.d_qk, self.d_v], dim=-1)  # direct: see Block.decode
+        q, k_new, v_new = (y.reshape(B, H, -1) for y in qkv)  # (B, H, D)
         if self.rotary:
             pos = t.view(1) if static else torch.tensor([t], device=x.device)
             q, k_new = rotate(q[:, :, None], pos)[:, :, 0], rotate(k_new[:, :, None], pos)[:, :, 0]
@@ -226,7 +227,7 @@ class Attention(nn.Module):
                 out = o.to(x.dtype)
             else:
                 out[:, heads] = o.to(out.dtype)
-        return self.proj(out.reshape(B, 1, C))
+        return F.linear(out.reshape(B, 1, C), self.proj.weight, self.proj.bias)
 
 
 def _join_qkv(state: dict, prefix: str, *args) -> None:
@@ -273,6 +274,20 @@ class Block(nn.Module):
         a = self.drop(self.attn(self.ln1(h), cache, input_pos, length))
         b = self.drop(self.ff(self.ln2(h + a)))
         return h + a + b
+
+    def decode(self, h: torch.Tensor, cache: LayerCache, t: int | torch.Tensor, length: int | None) -> torch.Tensor:
+        """``forward`` at decoding position t, without dropout, its layers called as functions rather than as
+        modules: a module call costs a few microseconds of Python, about ten of them a layer, which was 6-7% of
+        an eager decoding step of 8 layers (BENCHMARKS.md). Hooks on the block's parts do not run here."""
+        ff = self.ff
+        a = self.attn._decode(_layer_norm(self.ln1, h), t, cache, length)
+        x = _layer_norm(self.ln2, h + a)
+        b = F.linear(ff.act(ff.fc.forward(x)), ff.proj.weight, ff.proj.bias)
+        return h + a + b
+
+
+def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
 def nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -394,9 +409,10 @@ class SparseTransformer(nn.Module):
     def _decode(self, h: torch.Tensor, t: int | torch.Tensor, cache: ModelCache, length: int | None = None) -> torch.Tensor:
         """The input embedding h (B, C) of position t -> logits (B, vocab), through the blocks' forward."""
         h = (h + self.pos.at(t))[:, None]  # (B, 1, C)
+        fast = not self.training or self.cfg.dropout == 0  # Block.decode has no dropout
         for blk, c in zip(self.blocks, cache):
-            h = blk(h, c, t, length)
-        return self.head(self.ln_f(h))[:, 0]
+            h = blk.decode(h, c, t, length) if fast else blk(h, c, t, length)
+        return F.linear(_layer_norm(self.ln_f, h), self.head.weight, self.head.bias)[:, 0]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
