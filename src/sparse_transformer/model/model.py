@@ -277,7 +277,7 @@ class Block(nn.Module):
 
     def decode(self, h: torch.Tensor, cache: LayerCache, t: int | torch.Tensor, length: int | None) -> torch.Tensor:
         """``forward`` at decoding position t, without dropout, its layers called as functions rather than as
-        modules: a module call costs a few microseconds of Python, about ten of them a layer, which was 6-7% of
+        modules: a module call costs a few microseconds of Python, about ten of them a layer, which was 5-10% of
         an eager decoding step of 8 layers (BENCHMARKS.md). Hooks on the block's parts do not run here."""
         ff = self.ff
         a = self.attn._decode(_layer_norm(self.ln1, h), t, cache, length)
