@@ -205,8 +205,7 @@ class Attention(nn.Module):
         B, _, C = x.shape
         H = self.n_head
         static = torch.is_tensor(t)
-        qkv = self.qkv.forward(x[:, 0]).split([self.d_qk, self.d_qk, self.d_v], dim=-1)  # direct: see Block.decode
-        q, k_new, v_new = (y.reshape(B, H, -1) for y in qkv)  # (B, H, D)
+        q, k_new, v_new = (y.reshape(B, H, -1) for y in self.project(x[:, 0]))  # (B, H, D)
         if self.rotary:
             pos = t.view(1) if static else torch.tensor([t], device=x.device)
             q, k_new = rotate(q[:, :, None], pos)[:, :, 0], rotate(k_new[:, :, None], pos)[:, :, 0]

@@ -47,8 +47,8 @@ static void tile_bwd(const float *Qr, const float *Kr, const float *Vr, const fl
 static size_t pad16(size_t m) { return (m + 15) / 16 * 16; }
 static size_t col_buf_floats(int M)
 {
-    return pad16(sizeof(TileScratch) / sizeof(float) + 7 * (size_t)M * HD + 2 * (size_t)M * TQ + TQ * HD +
-                 2 * pad16(M) + 64);
+    /* the backward's Q, K, V, dO, scores, dP, L, D, dQ, dK, dV; the forward's Q, K, V, scores, output, L fit in it */
+    return pad16(sizeof(TileScratch) / sizeof(float) + 7 * (size_t)M * HD + 2 * (size_t)M * TQ + 2 * pad16(M) + 64);
 }
 
 /* A work item of the column pass is a group of up to CG consecutive columns c0..c0+n-1 of one
