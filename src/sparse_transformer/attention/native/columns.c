@@ -19,9 +19,10 @@ typedef struct {
 static void tile_fwd(const float *Qr, const float *Kr, const float *Vr, int rows, int W, TileScratch *ts,
                      float *St, float *Or, float scale, int qlo, int qhi)
 {
-    transpose_tile(Qr, rows, ts->Qt, scale * LOG2E);
-    gemm_nn(W, TQ, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0, k_rows(RNG_N, qlo, qhi));  /* St = K Q^T   (W, TQ) */
-    softmax_cols(St, W, ts->lo, ts->hi, ts->lse, ts->inv);
+    int nq = (rows + VL - 1) / VL * VL; /* query lanes computed: a short column (M < TQ) fills few */
+    transpose_tile(Qr, rows, nq, ts->Qt, scale * LOG2E);
+    gemm_nn(W, nq, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0, k_rows(RNG_N, qlo, qhi));  /* St = K Q^T   (W, nq) */
+    softmax_cols(St, W, nq / VL, ts->lo, ts->hi, ts->lse, ts->inv);
     gemm_tn(rows, HD, W, St, TQ, Vr, HD, Or, HD, 0, q_rows(qlo, qhi));          /* O = P V      (rows, HD) */
     scale_rows(Or, rows, ts->inv);
 }
@@ -31,11 +32,12 @@ static void tile_bwd(const float *Qr, const float *Kr, const float *Vr, const fl
                      int qlo, int qhi)
 {
     Rng n = k_rows(RNG_N, qlo, qhi), k = k_rows(RNG_K, qlo, qhi);
-    transpose_tile(Qr, rows, ts->Qt, scale * LOG2E);
-    transpose_tile(dOr, rows, ts->dOt, 1.0f);
-    gemm_nn(W, TQ, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0, n);                 /* S^T  = K Q^T    (W, TQ) */
-    gemm_nn(W, TQ, HD, Vr, HD, ts->dOt, TQ, dPt, TQ, 0, n);               /* dP^T = V dO^T   (W, TQ) */
-    grad_cols(St, dPt, W, ts->lo, ts->hi, scale, ts->lse, ts->delta);
+    int nq = (rows + VL - 1) / VL * VL;
+    transpose_tile(Qr, rows, nq, ts->Qt, scale * LOG2E);
+    transpose_tile(dOr, rows, nq, ts->dOt, 1.0f);
+    gemm_nn(W, nq, HD, Kr, HD, ts->Qt, TQ, St, TQ, 0, n);                 /* S^T  = K Q^T    (W, nq) */
+    gemm_nn(W, nq, HD, Vr, HD, ts->dOt, TQ, dPt, TQ, 0, n);               /* dP^T = V dO^T   (W, nq) */
+    grad_cols(St, dPt, W, nq / VL, ts->lo, ts->hi, scale, ts->lse, ts->delta);
     gemm_tn(rows, HD, W, dPt, TQ, Kr, HD, dQr, ldd, 1, q_rows(qlo, qhi)); /* dQ += dS K      (rows, HD) */
     gemm_nk(W, HD, rows, St, TQ, dOr, HD, dVr, ldd, 1, k);                /* dV += P^T dO    (W, HD) */
     gemm_nk(W, HD, rows, dPt, TQ, Qr, HD, dKr, ldd, 1, k);                /* dK += dS^T Q    (W, HD) */

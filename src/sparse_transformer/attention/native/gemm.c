@@ -113,7 +113,7 @@ GEMM(gemm_nn, 0, 0)   /* bands over the columns: the score products */
 GEMM(gemm_nk, 0, 1)   /* bands over the sum: dV += P^T dO, dK += dS^T Q */
 GEMM(gemm_tn, 1, 1)   /* bands over the sum: O = P V, dQ += dS K */
 
-/* dst[c][r] = mul * src[r][c] for r < R, c < HD (dst has TQ columns; columns R.. are zeroed).
+/* dst[c][r] = mul * src[r][c] for r < R, c < HD (dst has TQ columns; columns R..lanes-1 are zeroed).
  * Where the compiler has __builtin_shufflevector (Clang, GCC 12+), full VL x VL
  * blocks are transposed in registers in log2(VL) stages; stage b swaps the
  * off-diagonal sub-blocks of width b between rows i and i + b. */
@@ -151,7 +151,7 @@ static inline void transpose_block(const float *src, float *dst, float mul)
 }
 #endif
 
-static void transpose_tile(const float *src, int R, float *dst, float mul)
+static void transpose_tile(const float *src, int R, int lanes, float *dst, float mul)
 {
     int r0 = 0;
 #ifdef IDX
@@ -160,6 +160,6 @@ static void transpose_tile(const float *src, int R, float *dst, float mul)
 #endif
     for (int c = 0; c < HD; c++) {
         for (int r = r0; r < R; r++) dst[c * TQ + r] = mul * src[(size_t)r * HD + c];
-        for (int r = imax(R, r0); r < TQ; r++) dst[c * TQ + r] = 0.f;
+        for (int r = imax(R, r0); r < lanes; r++) dst[c * TQ + r] = 0.f;
     }
 }

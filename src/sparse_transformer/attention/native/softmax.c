@@ -3,7 +3,7 @@
 
 /* --------------------------------------------------------------- softmax
  * Scores are kept transposed, St[j][a] for key j and query a of a tile
- * (TQ / VL vectors of queries), so the softmax over keys runs down the
+ * (nv <= TQ / VL vectors of queries), so the softmax over keys runs down the
  * columns: vectorised over queries, with no horizontal reductions. Query a
  * may attend keys lo[a]..hi[a]. The scores are in base 2: the queries are
  * multiplied by scale * log2(e) as they are transposed, so the softmax needs
@@ -61,9 +61,9 @@ static inline void finish_rows(vf m, vf sum, float *lse, float *inv)
 
 /* Forward: leaves unnormalised probabilities in St (0 where not allowed),
  * the log-sum-exp of each query in lse (-inf: no key) and 1/sum in inv (0: no key). */
-static void softmax_cols(float *St, int W, const int *lo, const int *hi, float *lse, float *inv)
+static void softmax_cols(float *St, int W, int nv, const int *lo, const int *hi, float *lse, float *inv)
 {
-    for (int v = 0; v < TQ / VL; v++) {
+    for (int v = 0; v < nv; v++) {
         vi vlo, vhi;
         memcpy(&vlo, lo + v * VL, sizeof vlo);
         memcpy(&vhi, hi + v * VL, sizeof vhi);
@@ -100,9 +100,10 @@ static void softmax_cols(float *St, int W, const int *lo, const int *hi, float *
 }
 
 /* Backward: P = 2^(S - lse log2 e) in St (S in base 2), dS = P * (dP - delta) * scale in dPt. */
-static void grad_cols(float *St, float *dPt, int W, const int *lo, const int *hi, float scale, const float *lse, const float *delta)
+static void grad_cols(float *St, float *dPt, int W, int nv, const int *lo, const int *hi, float scale, const float *lse,
+                      const float *delta)
 {
-    for (int v = 0; v < TQ / VL; v++) {
+    for (int v = 0; v < nv; v++) {
         vi vlo, vhi;
         memcpy(&vlo, lo + v * VL, sizeof vlo);
         memcpy(&vhi, hi + v * VL, sizeof vhi);

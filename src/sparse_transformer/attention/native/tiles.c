@@ -241,7 +241,7 @@ static void tiles_fwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
     }
     float m[TQ], sum[TQ];
     for (int a = 0; a < TQ; a++) { m[a] = -INFINITY; sum[a] = 0.f; }
-    transpose_tile(s->q + (size_t)rq * HD, rows, ts->Qt, d->scale * LOG2E);
+    transpose_tile(s->q + (size_t)rq * HD, rows, TQ, ts->Qt, d->scale * LOG2E);
     for (int g = 0; g < ng; g++) {
         const int *pc = b->pc + 5 * (size_t)b->gp[g];
         int np = b->gp[g + 1] - b->gp[g];
@@ -277,8 +277,8 @@ static void tiles_bwd_one(const Desc *d, const Seq *s, int t, TileBuf *b)
     }
     const float *Qr = s->q + (size_t)rq * HD, *dOr = s->dout + (size_t)rq * HD;
     float *dQr = s->dq + (size_t)rq * HD;
-    transpose_tile(Qr, rows, ts->Qt, d->scale * LOG2E);
-    transpose_tile(dOr, rows, ts->dOt, 1.0f);
+    transpose_tile(Qr, rows, TQ, ts->Qt, d->scale * LOG2E);
+    transpose_tile(dOr, rows, TQ, ts->dOt, 1.0f);
     for (int g = 0; g < ng; g++) { /* each group on its own: the log-sum-exps are known */
         const int *pc = b->pc + 5 * (size_t)b->gp[g];
         int np = b->gp[g + 1] - b->gp[g];
