@@ -34,6 +34,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #else
@@ -107,6 +110,21 @@ typedef int32_t vi __attribute__((vector_size(VL * 4)));
 
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* A streaming store (x86: around the caches, no read of the line first) of a vector to p, aligned to
+ * the vector (callers check), for rows written far apart that nothing reads again soon; a plain store
+ * elsewhere. fence_streams() orders them before the memory is read by another thread or pass. */
+#if defined(__AVX512F__) && VL == 16
+static inline void st_stream(float *p, vf v) { _mm512_stream_ps(p, (__m512)v); }
+static inline void fence_streams(void) { _mm_sfence(); }
+#elif defined(__AVX__) && VL == 8
+static inline void st_stream(float *p, vf v) { _mm256_stream_ps(p, (__m256)v); }
+static inline void fence_streams(void) { _mm_sfence(); }
+#else
+static inline void st_stream(float *p, vf v) { st(p, v); }
+static inline void fence_streams(void) {}
+#endif
+static inline int vec_aligned(const void *p) { return ((uintptr_t)p & (VL * 4 - 1)) == 0; }
 static inline vf splat(float x) { vf v = {0}; return v + x; }
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }
